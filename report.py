@@ -1,0 +1,78 @@
+"""The run's figures and summary: samples.png (teacher N-step beside student 1/2/4-step on the same noise and
+prompts) and training.png (loss, ‖g‖, r, kept share by step), from metrics and log.jsonl. Matplotlib lives here
+and in analysis/, never in the concept files.
+"""
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+
+def to_image(x: torch.Tensor) -> torch.Tensor:
+    """[C, H, W] in [−1, 1] → [H, W, C] in [0, 1] (single channel squeezed)."""
+    img = ((x.clamp(-1, 1) + 1) / 2).permute(1, 2, 0)
+    return img[..., 0] if img.shape[-1] == 1 else img
+
+
+def samples_png(path: Path, shown: dict[str, torch.Tensor], bb) -> None:
+    """One row per sampler (images) or one scatter panel per sampler (2-D), same noise and prompts."""
+    names = list(shown)
+    if next(iter(shown.values())).dim() == 2:
+        fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.2), squeeze=False)
+        for ax, name in zip(axes[0], names):
+            x = shown[name]
+            c = torch.arange(len(x)) % bb.n_prompts
+            ax.scatter(x[:, 0], x[:, 1], c=c, cmap="tab10", s=2)
+            ax.set_title(name), ax.set_aspect("equal"), ax.set_xlim(-2.2, 2.2), ax.set_ylim(-2.2, 2.2)
+    else:
+        m = len(shown[names[0]])
+        fig, axes = plt.subplots(len(names), m, figsize=(0.6 * m + 1.2, 0.7 * len(names)), squeeze=False)
+        for i, name in enumerate(names):
+            for j in range(m):
+                ax = axes[i, j]
+                ax.imshow(to_image(shown[name][j]), cmap="gray", vmin=0, vmax=1)
+                ax.set_xticks([]), ax.set_yticks([])
+            axes[i, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
+        for j in range(m):
+            axes[0, j].set_title(bb.prompt_names[j % bb.n_prompts][:12], fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def training_png(path: Path, log_path: Path) -> None:
+    """Loss (and by t-bin), ‖g‖ before normalisation, r, and the share kept by the filter, against step."""
+    recs = [json.loads(ln) for ln in log_path.read_text().splitlines()]
+    step = [r["step"] for r in recs]
+    fig, ax = plt.subplots(1, 4, figsize=(15, 3.2))
+    ax[0].plot(step, [r["loss"] for r in recs], label="all", color="k")
+    for k in range(len(recs[0]["loss_by_t_bin"])):
+        ax[0].plot(step, [r["loss_by_t_bin"][k] for r in recs], lw=0.8, label=f"t-bin {k}")
+    ax[0].set_title("loss (weighted, with logvar)"), ax[0].legend(fontsize=7)
+    ax[1].plot(step, [r["g_norm"] for r in recs]), ax[1].set_title("‖g‖ before normalisation")
+    ax[1].set_yscale("log")
+    ax[2].plot(step, [r["r"] for r in recs]), ax[2].set_title("r")
+    ax[3].plot(step, [r["kept"] for r in recs]), ax[3].set_title("share kept by the brightness filter")
+    for a in ax:
+        a.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def summary(metrics: dict, run: Path) -> None:
+    """Print the evaluation as a small table."""
+    ev = metrics["eval"]
+    print(f"\n{metrics['backbone']} · {metrics['method']} · {metrics['train']['steps']} steps in "
+          f"{metrics['train']['wall_s']:.0f} s · {ev['distance_name']} (lower is better)")
+    print(f"  {'data (floor)':14s} distance {ev['data']['distance']:.4f}")
+    for name, v in ev.items():
+        if isinstance(v, dict) and "nfe" in v:
+            print(f"  {name:14s} distance {v['distance']:.4f}  alignment {v['alignment']:.3f}  "
+                  f"nfe {v['nfe']:3d}  {v['samples_per_s']:.0f} samples/s")
+    print(f"  run directory: {run}")
