@@ -75,9 +75,9 @@ class Config:
     teacher_steps: int = 0  # toy teachers: flow-matching steps (0: toy.TEACHERS' default)
     data_dir: str = ""  # cifar10: path to cifar-10-batches-py
     pretrained: str = ""  # sana: a local diffusers folder in SanaPipeline layout
-    prompts_file: str = ""  # sana: UTF-8 text, one prompt per line
+    prompts_file: str = ""  # sana: UTF-8 text, one prompt per line (--tiny tbcm: 4 built-in prompts if omitted)
     images: str = ""  # sana --method scm: images with same-name .txt captions
-    tiny: bool = False  # sana: a tiny random pipeline (built in a temporary folder) instead of --pretrained
+    tiny: bool = False  # sana: a tiny random pipeline (built once under --cache-dir) instead of --pretrained
     resolution: int = 64  # sana: image side in pixels
     max_sequence_length: int = 0  # sana: text tokens per prompt (0: 300 as SanaPipeline, 16 with --tiny)
     resume: bool = False

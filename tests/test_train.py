@@ -108,3 +108,23 @@ def test_nan_steps_are_skipped_then_stop(cache, tmp_path, monkeypatch):
     assert run(["--backbone", "toy2d", "--steps", "10", "--max-bad-steps", "3", "--ckpt-every", "1",
                 "--out", str(out)], cache) == 1
     assert not (out / "metrics.json").exists()
+
+
+def test_torchrun_two_processes_match_one(cache, tmp_path):
+    """Data parallel: 2 gloo ranks (one prompt each) end with the student of 1 process with the same global batch
+    and the same pairs (seeded per prompt slot); only gradient summation order differs (≤ 1e-5)."""
+    flags = [*FAST, "--cache-dir", cache, "--backbone", "toy2d", "--steps", "5", "--pool-steps", "1",
+             "--filter-mode", "off"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert run(["--backbone", "toy2d", "--steps", "5", "--pool-steps", "1", "--filter-mode", "off",
+                "--out", str(one)], cache) == 0
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        "--master_port=29517", "train.py", *flags, "--out", str(two)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    a = load_file(one / "checkpoints" / "step-0000005" / "tensors.safetensors")
+    b = load_file(two / "checkpoints" / "step-0000005" / "tensors.safetensors")
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a if k.startswith(("student/", "head/")))
+    assert diff < 1e-5
+    assert any(not torch.equal(a[k], a["ema/" + k[8:]]) for k in a if k.startswith("student/"))  # it trained
+    assert json.loads((two / "metrics.json").read_text())["train"]["processes"] == 2

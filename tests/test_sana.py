@@ -1,0 +1,213 @@
+"""sana.py against diffusers' SanaPipeline / SanaSprintPipeline on a tiny random pipeline (CPU)."""
+
+import copy
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import sana
+from trigflow import SIGMA_D, TrigFlow, trig_time, x0_from_F
+
+L = 8  # max_sequence_length: keeps text encoding tiny
+PROMPTS = ["a red cat", "A Dog!"]
+H = W = 64  # pixels; 8×8 latents (DC-AE f8)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return sana.build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sana")
+
+
+@pytest.fixture(scope="module")
+def parts(tiny):
+    return sana.load_sana(tiny, "cpu", torch.float32)
+
+
+def _student(parts, seed=1):
+    """make_student, with the zero-initialised guidance embedding perturbed so guidance matters."""
+    student = sana.make_student(parts.transformer, parts.timestep_scale)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        torch.nn.init.normal_(student.time_embed.guidance_embedder.linear_2.weight, std=0.05)
+    return student
+
+
+def _record_kwargs(module, key, store):
+    """Forward pre-hook that appends the keyword argument `key` of every call to `store`."""
+    return module.register_forward_pre_hook(
+        lambda m, args, kwargs: store.append(kwargs[key].detach().clone()), with_kwargs=True)
+
+
+def test_folder_errors(tiny, tmp_path):
+    """A missing folder, one without transformer/, an empty transformer/: one-line errors."""
+    with pytest.raises(sana.SanaFolderError, match="transformer/ text_encoder/") as e:
+        sana.load_sana(tmp_path / "nowhere", "cpu", torch.float32)
+    assert "\n" not in str(e.value) and sana.TEACHER_REPO in str(e.value)
+    no_tr = tmp_path / "no_transformer"
+    shutil.copytree(tiny, no_tr, ignore=lambda d, names: ["transformer"] if d == str(tiny) else [])
+    with pytest.raises(sana.SanaFolderError, match="missing transformer/;"):
+        sana.load_sana(no_tr, "cpu", torch.float32)
+    (no_tr / "transformer").mkdir()
+    with pytest.raises(sana.SanaFolderError, match="cannot load") as e:
+        sana.load_sana(no_tr, "cpu", torch.float32)
+    assert "\n" not in str(e.value)
+
+
+def test_velocity_matches_sana_pipeline(parts, tiny):
+    """SanaPipeline (FM Euler, CFG 4.5, 2 steps) ≡ Eq. 9 steps of the Eqs. 5–7 wrapped teacher;
+    the transformer gets the same float timestep for each scheduler s; decode = the pipeline's."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SanaPipeline
+
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(tiny / "scheduler")
+    pipe = SanaPipeline(tokenizer=parts.tokenizer, text_encoder=parts.text_encoder,
+                        vae=parts.vae, transformer=parts.transformer, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    x = torch.randn(2, 4, H // 8, W // 8, generator=torch.Generator().manual_seed(0))
+    kw = dict(prompt=PROMPTS, guidance_scale=4.5, num_inference_steps=2, height=H, width=W,
+              latents=x, use_resolution_binning=False, max_sequence_length=L,
+              complex_human_instruction=None)
+    fed = []
+    hook = _record_kwargs(parts.transformer, "timestep", fed)
+    latent = pipe(**kw, output_type="latent").images
+    hook.remove()
+    images = pipe(**kw, output_type="pt").images
+    s_sched = scheduler.sigmas  # [1, s_1, 0] after the shift
+    assert 0 < s_sched[1] < 1 and len(fed) == 2
+
+    v = sana.velocity(parts.transformer, parts.timestep_scale)
+    cond = sana.encode_prompts(parts, PROMPTS, L)
+    ours = []
+    hook = _record_kwargs(parts.transformer, "timestep", ours)
+    for s in s_sched[:-1]:
+        v(x, s.expand(2), cond)
+    hook.remove()
+    for a, b in zip(fed, ours, strict=True):
+        assert a.is_floating_point() and b.is_floating_point()
+        torch.testing.assert_close(a[:2], b, rtol=1e-6, atol=1e-7)
+
+    # Eq. 9 rollout: x ← cos Δ·x − sin Δ·σ_d·F with t = arctan(s/(1 − s)); CFG on the doubled batch.
+    F = TrigFlow(v, uncond=sana.empty_prompt(parts, L))
+    w = torch.full((2,), 4.5)
+    t, x_t = trig_time(s_sched), SIGMA_D * x
+    with torch.no_grad():
+        for i in range(len(t) - 1):
+            d = t[i] - t[i + 1]
+            F_i = F(x_t / SIGMA_D, t[i].expand(2), cond, w)
+            x_t = torch.cos(d) * x_t - torch.sin(d) * SIGMA_D * F_i
+    torch.testing.assert_close(x_t / SIGMA_D, latent, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sana.decode(parts, latent), images, rtol=1e-5, atol=1e-5)
+
+
+def test_student_equals_teacher_at_init(parts):
+    """make_student: zero-initialised guidance embedding ⇒ student(·, g) = teacher(·) for any g."""
+    student = sana.make_student(parts.transformer, parts.timestep_scale)
+    assert student.config.guidance_embeds and student.config.guidance_embeds_scale == 0.1
+    assert student.config.qk_norm == parts.transformer.config.qk_norm == "rms_norm_across_heads"
+    assert student.transformer_blocks[0].attn2.norm_q is not None
+    x, s = torch.randn(2, 4, 8, 8), torch.tensor([0.2, 0.9])
+    cond = sana.encode_prompts(parts, PROMPTS, L)
+    with torch.no_grad():
+        v_teacher = sana.velocity(parts.transformer, parts.timestep_scale)(x, s, cond)
+        for g in (torch.tensor([0.0, 0.45]), torch.tensor([1.0, 7.0])):
+            v_student = sana.velocity(student, 1.0)(x, s, cond, g)
+            torch.testing.assert_close(v_student, v_teacher, rtol=0, atol=1e-6)
+        ema = copy.deepcopy(sana.velocity(student, 1.0))  # what train.py does with the student
+        torch.testing.assert_close(ema(x, s, cond, g), v_teacher, rtol=0, atol=1e-6)
+    assert {id(p) for p in ema.parameters()} != {id(p) for p in student.parameters()}
+    with pytest.raises(ValueError, match="SanaSprintPipeline feeds s"):
+        sana.make_student(parts.transformer, 1000.0)
+
+
+def test_jvp_safe_matches_forward_and_finite_difference(parts):
+    """jvp_safe: same forward; torch.func.jvp of TrigFlow(student) in (x, t) = central FD (fp32)."""
+    from diffusers.models.attention_processor import SanaLinearAttnProcessor2_0
+
+    student = _student(parts)
+    cond, w = sana.encode_prompts(parts, PROMPTS, L), torch.tensor([4.0, 5.0])
+    v = sana.velocity(student, 1.0)
+    F = TrigFlow(v, guidance_scale=0.1)
+    g = torch.Generator().manual_seed(2)
+    x, dx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    t, dt = torch.tensor([0.4, 1.2]), torch.tensor([0.7, 1.0])
+    with torch.no_grad():
+        F_sdpa = F(x, t, cond, w)
+        sana.jvp_safe(v)
+        torch.testing.assert_close(F(x, t, cond, w), F_sdpa, rtol=0, atol=1e-5)
+        blocks = student.transformer_blocks
+        assert all(isinstance(b.attn2.processor, sana.MatmulAttnProcessor) for b in blocks)
+        assert all(isinstance(b.attn1.processor, SanaLinearAttnProcessor2_0) for b in blocks)
+
+        _, dF = torch.func.jvp(lambda x_, t_: F(x_, t_, cond, w), (x, t), (dx, dt))
+        eps = 1e-3
+        F_plus = F(x + eps * dx, t + eps * dt, cond, w)
+        fd = (F_plus - F(x - eps * dx, t - eps * dt, cond, w)) / (2 * eps)
+    err = torch.linalg.vector_norm(dF - fd) / torch.linalg.vector_norm(fd)
+    assert err < 1e-2, float(err)
+
+
+def test_export_student_matches_sprint_pipeline(parts, tmp_path):
+    """SanaSprintPipeline on the exported folder: each step's σ_d·F is σ_d·TrigFlow(velocity(
+    student), 0.1)(x/σ_d, t, cond, w); guidance fed is 0.1·w; 1 step: x0 = cos t·x − sin t·σ_d·F."""
+    from diffusers import SanaSprintPipeline
+
+    student = _student(parts)
+    folder = sana.export_student(student, parts, tmp_path / "student")
+    pipe = SanaSprintPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    x = torch.randn(2, 4, H // 8, W // 8, generator=torch.Generator().manual_seed(3))
+    kw = dict(prompt=PROMPTS, guidance_scale=4.5, height=H, width=W, latents=x,
+              output_type="latent", intermediate_timesteps=None, use_resolution_binning=False,
+              max_sequence_length=L, complex_human_instruction=None)
+    F = TrigFlow(sana.velocity(student, 1.0), guidance_scale=0.1)
+    cond, w = sana.encode_prompts(parts, PROMPTS, L), torch.full((2,), 4.5)
+
+    steps, step = [], pipe.scheduler.step  # record (σ_d·F, t, x_t) as the pipeline passes them
+
+    def record(out, t, x_t, **k):
+        steps.append((out, t, x_t))
+        return step(out, t, x_t, **k)
+
+    pipe.scheduler.step = record
+    guidance = []
+    hook = _record_kwargs(pipe.transformer, "guidance", guidance)
+    pipe(**kw, num_inference_steps=4, generator=torch.Generator().manual_seed(4))
+    hook.remove()
+    pipe.scheduler.step = step
+    assert [float(t[0]) for _, t, _ in steps] == pytest.approx(np.linspace(1.57080, 0, 5)[:-1])
+    torch.testing.assert_close(guidance[0], 0.1 * w)
+    with torch.no_grad():
+        for out, t, x_t in steps:
+            F_t = F(x_t / SIGMA_D, t, cond, w)
+            torch.testing.assert_close(SIGMA_D * F_t, out, rtol=1e-5, atol=1e-5)
+
+    # One step from t = 1.57080 (SanaSprintPipeline's max_timesteps, ≈ π/2); x_t = σ_d·latents.
+    x0_fm = pipe(**kw, num_inference_steps=1).images
+    t = torch.full((2,), 1.57080)
+    with torch.no_grad():
+        x0 = x0_from_F(SIGMA_D * x, t, F(x, t, cond, w), SIGMA_D)
+    torch.testing.assert_close(x0 / SIGMA_D, x0_fm, rtol=1e-5, atol=1e-5)
+    assert math.isclose(float(t[0]), math.pi / 2, abs_tol=1e-5)
+
+
+def test_black_latent_and_image_folder(parts, tmp_path):
+    """scm_images_to_latents: resize, crop, [−1, 1], DC-AE × scaling_factor; black: black_latent."""
+    from PIL import Image
+
+    Image.new("RGB", (40, 48), (0, 0, 0)).save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("a black square\n")
+    noise = np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "b.png")
+    (tmp_path / "b.txt").write_text("noise")
+    latents, captions = sana.scm_images_to_latents(parts, tmp_path, 32)
+    assert captions == ["a black square", "noise"] and latents.shape == (2, 4, 4, 4)
+    black = sana.black_latent(parts, 32, 32)
+    torch.testing.assert_close(latents[:1], black, rtol=1e-5, atol=1e-5)
+    vae = parts.vae
+    with torch.no_grad():
+        raw = vae.encode(-torch.ones(1, 3, 32, 32)).latent
+    torch.testing.assert_close(black, raw * vae.config.scaling_factor)
+    images = sana.decode(parts, latents)
+    assert images.shape == (2, 3, 32, 32) and images.min() >= 0 and images.max() <= 1
