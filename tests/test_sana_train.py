@@ -3,6 +3,7 @@ SanaSprintPipeline, the sCM baseline on an image folder, bf16, resume, bad input
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -228,3 +229,24 @@ def test_more_bad_input(args, tmp_path, capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --"), lines
     assert not out.exists() and not (tmp_path / "cache").exists()
+
+
+def test_torchrun_two_processes_match_one(files, tmp_path):
+    """Data parallel on the tiny pipeline: 2 gloo ranks (one prompt each) end with the student of one process with
+    the same global batch (2 prompts) and the same pairs; only gradient summation order differs (≤ 1e-5)."""
+    args = ["--steps", "3", "--prompts", "2", "--K", "1", "--pool-steps", "1", "--filter-mode", "off"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert run([*args, "--out", str(one)], files, tmp_path) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518",
+           "train.py", *FAST, "--cache-dir", files["cache"], "--prompts-file", files["prompts"], *args,
+           "--out", str(two)]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    a = load_file(one / "checkpoints" / "step-0000003" / "tensors.safetensors")
+    b = load_file(two / "checkpoints" / "step-0000003" / "tensors.safetensors")
+    moved = [k for k in a if k.startswith("student/") and not torch.equal(a[k], a["ema/" + k[8:]])]
+    assert moved  # the student trained
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a if k.startswith(("student/", "head/")))
+    assert diff < 1e-5
+    assert json.loads((two / "metrics.json").read_text())["train"]["processes"] == 2
