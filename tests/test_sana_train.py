@@ -234,7 +234,8 @@ def test_more_bad_input(args, tmp_path, capsys):
 def test_torchrun_two_processes_match_one(files, tmp_path):
     """Data parallel on the tiny pipeline: 2 gloo ranks (one prompt each) end with the student of one process with
     the same global batch (2 prompts) and the same pairs; only gradient summation order differs (≤ 1e-5)."""
-    args = ["--steps", "3", "--prompts", "2", "--K", "1", "--pool-steps", "1", "--filter-mode", "off"]
+    args = ["--steps", "3", "--prompts", "2", "--K", "1", "--pool-steps", "1", "--filter-mode", "off",
+            "--ema-decay", "0.9"]  # an EMA that lags, so "it trained" is visible
     one, two = tmp_path / "one", tmp_path / "two"
     assert run([*args, "--out", str(one)], files, tmp_path) == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518",
