@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from trigflow import HALF_PI, bcast, diffuse, trig_time
+from trigflow import HALF_PI, diffuse, trig_time
 
 # A TrigFlow model F(x_t/σ_d, t, cond, w) → F, e.g. trigflow.TrigFlow around a teacher.
 TrigFlowModel = Callable[..., torch.Tensor]
