@@ -170,6 +170,8 @@ class SanaBackbone(Backbone):
                 transformer = make_student(tr, parts.timestep_scale)
         except ValueError as e:
             raise InputError(str(e)) from e
+        if cfg.grad_checkpointing:
+            transformer.enable_gradient_checkpointing()
         student = SanaVelocity(jvp_safe(transformer), 1.0)  # SanaSprintPipeline feeds s itself
         data_shape = (tr.config.in_channels, res // f, res // f)
         black = black_latent(parts, res, res).to(cfg.device)  # [1, C, h, w]

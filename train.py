@@ -80,6 +80,8 @@ class Config:
     images: str = ""  # sana --method scm: images with same-name .txt captions
     tiny: bool = False  # sana: a tiny random pipeline (built once under --cache-dir) instead of --pretrained
     resolution: int = 64  # sana: image side in pixels
+    grad_checkpointing: bool = False  # sana: recompute activations in the gradient pass (the JVP runs under
+    # no_grad, where diffusers skips checkpointing, so forward AD never meets it)
     max_sequence_length: int = 0  # sana: text tokens per prompt (0: 300 as SanaPipeline, 16 with --tiny)
     resume: bool = False
     overwrite: bool = False
@@ -144,8 +146,9 @@ def validate(cfg: Config) -> None:
         (not (cfg.resume and cfg.overwrite), "--resume and --overwrite exclude each other"),
         (cfg.backbone != "cifar10" or cfg.data_dir, "cifar10 needs --data-dir path/to/cifar-10-batches-py "
          "(from https://www.cs.toronto.edu/~kriz/cifar.html; nothing is downloaded)"),
-        (cfg.backbone == "sana" or not (cfg.pretrained or cfg.prompts_file or cfg.images or cfg.tiny),
-         "--pretrained, --prompts-file, --images and --tiny are for --backbone sana"),
+        (cfg.backbone == "sana" or not (cfg.pretrained or cfg.prompts_file or cfg.images or cfg.tiny
+                                        or cfg.grad_checkpointing),
+         "--pretrained, --prompts-file, --images, --tiny, --grad-checkpointing are for --backbone sana"),
     ]
     for ok, msg in checks:
         if not ok:

@@ -251,3 +251,13 @@ def test_torchrun_two_processes_match_one(files, tmp_path):
     diff = max(float((a[k] - b[k]).abs().max()) for k in a if k.startswith(("student/", "head/")))
     assert diff < 1e-5
     assert json.loads((two / "metrics.json").read_text())["train"]["processes"] == 2
+
+
+def test_gradient_checkpointing_changes_nothing(files, tmp_path):
+    """--grad-checkpointing recomputes activations in the gradient pass only: same student after 2 steps."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run(["--steps", "2", "--out", str(a)], files, tmp_path) == 0
+    assert run(["--steps", "2", "--out", str(b), "--grad-checkpointing"], files, tmp_path) == 0
+    ta = load_file(a / "checkpoints" / "step-0000002" / "tensors.safetensors")
+    tb = load_file(b / "checkpoints" / "step-0000002" / "tensors.safetensors")
+    assert max(float((ta[k] - tb[k]).abs().max()) for k in ta if k.startswith("student/")) < 1e-6

@@ -128,3 +128,26 @@ def test_torchrun_two_processes_match_one(cache, tmp_path):
     assert diff < 1e-5
     assert any(not torch.equal(a[k], a["ema/" + k[8:]]) for k in a if k.startswith("student/"))  # it trained
     assert json.loads((two / "metrics.json").read_text())["train"]["processes"] == 2
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resumes(cache, tmp_path):
+    """Ctrl-C: the current step finishes, a checkpoint is saved, exit 130; --resume continues from it."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    run(["--backbone", "toy2d", "--steps", "1", "--out", str(tmp_path / "warm")], cache)  # teacher cached
+    p = subprocess.Popen([sys.executable, "train.py", *FAST, "--cache-dir", cache, "--backbone", "toy2d",
+                          "--steps", "100000", "--ckpt-every", "100000", "--out", str(out)],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log, deadline = out / "log.jsonl", time.time() + 120
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-1000:]
+    last = sorted((out / "checkpoints").glob("step-*"))[-1]
+    step = json.loads((last / "state.json").read_text())["train"]["step"]
+    assert step >= 3 and last.name == f"step-{step:07d}"
+    assert run(["--backbone", "toy2d", "--steps", str(step + 2), "--out", str(out), "--resume"], cache) == 0
+    assert json.loads((out / "metrics.json").read_text())["train"]["steps"] == step + 2
