@@ -8,6 +8,9 @@ from metrics import Evaluator, evaluate, frechet_distance, sliced_wasserstein, t
 from toy import load_data
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 def _with_moments(n: int, mu: np.ndarray, sd: np.ndarray, seed: int) -> np.ndarray:
     """n points whose sample mean is exactly mu and sample covariance exactly diag(sd²)."""
     a = np.random.default_rng(seed).standard_normal((n, len(mu)))

@@ -24,13 +24,7 @@ FAST = ["--backbone", "sana", "--tiny", "--N", "4", "--n-eval", "4", "--eval-tea
         "--resolution", "64", "--log-every", "1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and the CPU may be shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
