@@ -13,9 +13,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 
-def to_image(x: torch.Tensor) -> torch.Tensor:
+def to_image(x: torch.Tensor):
     """[C, H, W] in [−1, 1] → [H, W, C] in [0, 1] (single channel squeezed)."""
-    img = ((x.clamp(-1, 1) + 1) / 2).permute(1, 2, 0)
+    img = ((x.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
     return img[..., 0] if img.shape[-1] == 1 else img
 
 
@@ -27,7 +27,7 @@ def samples_png(path: Path, shown: dict[str, torch.Tensor], bb) -> None:
         for ax, name in zip(axes[0], names):
             x = shown[name]
             c = torch.arange(len(x)) % bb.n_prompts
-            ax.scatter(x[:, 0], x[:, 1], c=c, cmap="tab10", s=2)
+            ax.scatter(x[:, 0].numpy(), x[:, 1].numpy(), c=c.numpy(), cmap="tab10", s=2)
             ax.set_title(name), ax.set_aspect("equal"), ax.set_xlim(-2.2, 2.2), ax.set_ylim(-2.2, 2.2)
     else:
         m = len(shown[names[0]])
