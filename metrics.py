@@ -12,11 +12,10 @@ import numpy as np
 import scipy.linalg
 import torch
 import torch.nn.functional as nnf
-from safetensors.torch import load_file
 from torch import nn
 from tqdm import tqdm
 
-from toy import config_hash, load_data, ring_centers, save_module
+from toy import config_hash, load_data, ring_centers, save_module, seeded_or_cached
 
 DISTANCE_NAME = {"toy2d": "sliced_wasserstein", "digits": "frechet_classifier",
                  "cifar10": "frechet_classifier"}
@@ -110,12 +109,9 @@ def train_classifier(backbone: str, data_dir: str | None = None, device: str = "
     """Metric classifier trained on the train split; cached in cache_root/<backbone>-<hash>/."""
     cfg = cfg or CLASSIFIERS[backbone]
     folder = Path(cache_root) / f"{backbone}-{config_hash(cfg)}"
-    with torch.random.fork_rng(devices=[]):  # seeded initialisation, global RNG left untouched
-        torch.manual_seed(cfg.seed)
-        net = Classifier(cfg).to(device)
-    if (folder / "config.json").is_file():
-        net.load_state_dict(load_file(folder / "model.safetensors", device=str(device)))
-        return net.eval().requires_grad_(False)
+    net, cached = seeded_or_cached(Classifier, cfg, folder, device)
+    if cached:
+        return net
     x, y, _ = load_data(backbone, "train", data_dir)
     x, y = x.to(device), y.to(device)
     g = torch.Generator().manual_seed(cfg.seed)

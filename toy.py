@@ -6,6 +6,7 @@ are trained like Sana (x_s = (1 − s)·x0 + s·ε, v = ε − x0); EMA weights 
 """
 
 import copy
+from collections.abc import Callable
 import dataclasses
 import hashlib
 import json
@@ -13,6 +14,7 @@ import math
 import os
 import pickle
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as nnf
@@ -273,6 +275,19 @@ def save_module(net: nn.Module, cfg: object, folder: Path) -> None:
     os.replace(folder / "config.json.tmp", folder / "config.json")
 
 
+def seeded_or_cached(make: Callable[[Any], nn.Module], cfg: Any, folder: Path,
+                     device: str) -> tuple[nn.Module, bool]:
+    """A net built from cfg with seeded initialisation (global RNG untouched), loaded from folder if cached there
+    by `save_module`; returns (net, cached). Cached nets come back in eval mode with gradients off."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        net = make(cfg).to(device)
+    if (folder / "config.json").is_file():
+        net.load_state_dict(load_file(folder / "model.safetensors", device=str(device)))
+        return net.eval().requires_grad_(False), True
+    return net, False
+
+
 def sample_s(n: int, how: str, g: torch.Generator) -> torch.Tensor:
     """Flow-matching training times s ∈ (0, 1): uniform, or logit-normal σ(N(0, 1)) (SD3, Sana)."""
     if how == "uniform":
@@ -303,12 +318,9 @@ def train_teacher(backbone: str, data_dir: str | None = None, device: str = "cpu
     cfg = cfg or TEACHERS[backbone]
     cfg = dataclasses.replace(cfg, seed=seed, steps=steps or cfg.steps)
     folder = Path(cache_root) / f"{backbone}-{config_hash(cfg)}"
-    with torch.random.fork_rng(devices=[]):  # seeded initialisation, global RNG left untouched
-        torch.manual_seed(cfg.seed)
-        net = make_net(cfg).to(device)
-    if (folder / "config.json").is_file():
-        net.load_state_dict(load_file(folder / "model.safetensors", device=str(device)))
-        return net.eval().requires_grad_(False)
+    net, cached = seeded_or_cached(make_net, cfg, folder, device)
+    if cached:
+        return net
 
     x, y, _ = load_data(backbone, "train", data_dir)
     x, y = x.to(device), y.to(device)
