@@ -17,10 +17,15 @@ from trigflow import bcast
 StudentF = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def r_schedule(step: int, H: int, S_r: int, T_r: int, r_final: float) -> float:
-    """Alg. 1 (R adjustment): warm up 0 → 1 over H steps, then from S_r fall linearly to r_final over T_r steps."""
+def r_schedule(step: int, H: int, S_r: int, T_r: int, r_final: float, direct: bool = False) -> float:
+    """Alg. 1 (R adjustment): warm up 0 → 1 over H steps, then from S_r fall linearly to r_final over T_r steps.
+
+    direct: the paper's Tab. 7 alternative, warm up 0 → r_final over H steps and stay there (no cool-down).
+    """
     # r = min(1, Iters/H); p = clamp((Iters − S_r)/T_r, 0, 1); r ← (1 − p)·r + p·r_f
     r = min(1.0, step / H) if H > 0 else 1.0
+    if direct:
+        return r * r_final
     p = min(max((step - S_r) / T_r, 0.0), 1.0) if T_r > 0 else float(step >= S_r)
     return (1 - p) * r + p * r_final
 

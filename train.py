@@ -50,6 +50,7 @@ class Config:
     S_r: int = 1400  # r cool-down start (TBCM code: 15000)
     T_r: int = 300  # r cool-down length (TBCM code: 2000)
     r_final: float = 0.75  # paper Tab. 6
+    r_direct: bool = False  # paper Tab. 7: warm up straight to r_final, no cool-down (worse in the paper)
     c: float = 0.1  # tangent normalisation constant (sCM, Sana-Sprint)
     t_min: float = 0.01  # ours: prior weight 1/(σ_d tan t) uses max(t, t_min), so no pair gets > 200× weight
     sigma_d: float = 0.5  # sCM / Sana-Sprint
@@ -297,7 +298,7 @@ def train(cfg: Config, bb, run: Path, rank: int = 0, world: int = 1) -> tuple[to
                 pool, st["pool_pos"] = make_pool(cfg, bb, st["pool"], slots, rank), 0
             b = {k: v[st["pool_pos"]: st["pool_pos"] + per_step] for k, v in pool.items()}
             st["pool_pos"] += per_step
-            r = r_schedule(step, cfg.H, cfg.S_r, cfg.T_r, cfg.r_final)
+            r = r_schedule(step, cfg.H, cfg.S_r, cfg.T_r, cfg.r_final, cfg.r_direct)
             cond = bb.cond(b["prompt"])
 
             def F_theta(x, t):

@@ -7,34 +7,59 @@ markdown table (mean ± std over seeds of distance and alignment for teacher@N a
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from train import Config  # noqa: E402  (train.py's defaults name the shared default run)
+
+DEFAULT = asdict(Config())
+
+
+def sweep(field: str, flag: str, values: tuple, fmt: str) -> dict[str, list[str]]:
+    """One variant per value; the default value adds no flag, so its runs are shared across tables."""
+    return {fmt.format(v): [] if v == DEFAULT[field] else [flag, str(v)] for v in values}
+
+
 TABLES = {  # variant name → extra train.py flags
     # sCM with Sana-Sprint's P_mean 0.2 and with −0.8 (more pairs near the data, suggested for 8×8 data)
-    "main": {"TBCM": ["--method", "tbcm"],
+    "main": {"TBCM": [],
              "sCM P_mean 0.2": ["--method", "scm", "--P-mean", "0.2"],
              "sCM P_mean -0.8": ["--method", "scm", "--P-mean", "-0.8"]},
-    "schemes": {s: ["--scheme", s] for s in ("random", "logit_normal", "reference")},  # Tab. 4
-    "steps": {f"N={n}": ["--N", str(n)] for n in (8, 12, 16, 20)},  # Tab. 5
-    "r_final": {f"r_final={r}": ["--r-final", str(r)] for r in (0.5, 0.75, 1.0)},  # Tab. 6
-    # Tab. 7: "warm-up to r_final" = the cool-down spans the warm-up (S_r = 0, T_r = H = 500, digits' H),
-    # so r rises from 0 and ends at r_final at step H; "warm-up–cool-down" = up to 1, later down to r_final.
-    "r_schedule": {"warmup to r_final": ["--S-r", "0", "--T-r", "500"], "warmup-cooldown": []},
+    "schemes": sweep("scheme", "--scheme", ("random", "logit_normal", "reference"), "{}"),  # Tab. 4
+    "steps": sweep("N", "--N", (8, 12, 16, 20), "N={}"),  # Tab. 5
+    "r_final": sweep("r_final", "--r-final", (0.5, 0.75, 1.0), "r_final={}"),  # Tab. 6
+    # Tab. 7: r rises linearly to r_final over H steps and stays, vs up to 1, later down to r_final
+    "r_schedule": {"warmup to r_final": ["--r-direct"], "warmup-cooldown": []},
 }
 SAMPLERS = ("teacher@N", "student@1", "student@2", "student@4")
 
 
-def run_variant(backbone: str, name: str, flags: list[str], seed: int, runs: Path, extra: list[str]) -> dict:
-    """One train.py process; returns its metrics.json (reused if the run already finished)."""
-    out = runs / f"{backbone}-{name.replace(' ', '_').replace('=', '')}-s{seed}"
+def run_dir(backbone: str, flags: list[str], seed: int, runs: Path) -> Path:
+    """Named by the flags, not the variant, so identical runs (the default) are shared across tables."""
+    tag = "_".join(f.lstrip("-").replace("-", "_") for f in flags) or "default"
+    return runs / f"{backbone}-{tag}-s{seed}"
+
+
+def run_variant(backbone: str, flags: list[str], seed: int, runs: Path) -> dict:
+    """One train.py process (single-threaded, so --jobs processes share the cores fairly); its metrics.json."""
+    out = run_dir(backbone, flags, seed, runs)
     if not (out / "metrics.json").exists():
         cmd = [sys.executable, "train.py", "--backbone", backbone, "--seed", str(seed), "--out", str(out),
-               "--overwrite", *flags, *extra]
-        subprocess.run(cmd, cwd=ROOT, check=True)
+               "--overwrite", *flags]
+        log = out.with_suffix(".log")
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "w") as f:
+            proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                                  env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if proc.returncode:
+            sys.exit(f"error: {' '.join(cmd)} failed (exit {proc.returncode}); see {log}")
     return json.loads((out / "metrics.json").read_text())
 
 
@@ -49,12 +74,20 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--runs", default="runs/bench")
     p.add_argument("--results", default="bench/results")
+    p.add_argument("--jobs", type=int, default=2, help="train.py processes at once (one thread each)")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="more train.py flags after --")
     a = p.parse_args()
     extra = [x for x in a.extra if x != "--"]
     variants = TABLES[a.table]
-    res = {name: [run_variant(a.backbone, name, f, s, ROOT / a.runs, extra) for s in a.seeds]
-           for name, f in variants.items()}
+    jobs = [(name, [*f, *extra], s) for name, f in variants.items() for s in a.seeds]
+    runs = ROOT / a.runs
+    # the first run alone: it trains and caches the teacher the others then load
+    first = run_variant(a.backbone, jobs[0][1], jobs[0][2], runs)
+    with ThreadPoolExecutor(a.jobs) as pool:
+        rest = list(pool.map(lambda j: run_variant(a.backbone, j[1], j[2], runs), jobs[1:]))
+    res: dict[str, list[dict]] = {name: [] for name in variants}
+    for (name, _, _), m in zip(jobs, [first, *rest]):
+        res[name].append(m)
     floor = [m["eval"]["data"]["distance"] for ms in res.values() for m in ms]
     dname = next(iter(res.values()))[0]["eval"]["distance_name"]
     summary = {"table": a.table, "backbone": a.backbone, "seeds": a.seeds, "extra_flags": extra,

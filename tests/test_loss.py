@@ -148,8 +148,12 @@ def test_r_schedule_warmup_cooldown():
     assert r_schedule(4000, **kw) == 1.0 and r_schedule(15000, **kw) == 1.0
     assert math.isclose(r_schedule(16000, **kw), 0.875)
     assert r_schedule(17000, **kw) == 0.75 and r_schedule(10**6, **kw) == 0.75
-    # warm-up straight to r_final (Tab. 7's "Warmup" arm): S_r = 0, T_r = H
+    # a cool-down that spans the warm-up: r = (1 − p)·s/H + p·r_final with p = s/H
     assert math.isclose(r_schedule(2000, H=4000, S_r=0, T_r=4000, r_final=0.75), 0.5 * 0.5 + 0.5 * 0.75)
+    # Tab. 7's "warm-up to R_final": linear 0 → r_final over H, then flat (S_r, T_r ignored)
+    direct = dict(kw, direct=True)
+    assert r_schedule(0, **direct) == 0.0 and r_schedule(2000, **direct) == 0.375
+    assert r_schedule(4000, **direct) == 0.75 and r_schedule(15000, **direct) == 0.75
 
 
 def test_mask_drops_pairs_and_handles_all_dropped():
