@@ -38,6 +38,31 @@ TABLES = {  # variant name → extra train.py flags
     # Tab. 7: r rises linearly to r_final over H steps and stays, vs up to 1, later down to r_final
     "r_schedule": {"warmup to r_final": ["--r-direct"], "warmup-cooldown": []},
 }
+# the paper's claim per table: (claim, better variant, worse variant), checked at 1 and 2 student steps
+CLAIMS = {
+    "main": [("TBCM beats sCM at equal steps and pairs (Tab. 2)", "TBCM", "sCM P_mean 0.2")],
+    "schemes": [("reference route beats logit-normal (Tab. 4)", "reference", "logit_normal"),
+                ("logit-normal beats random (Tab. 4)", "logit_normal", "random")],
+    "steps": [("N = 20 beats N = 8 (Tab. 5)", "N=20", "N=8"), ("N = 16 beats N = 12 (Tab. 5)", "N=16", "N=12")],
+    "r_final": [("r_final 0.75 beats 0.5 (Tab. 6)", "r_final=0.75", "r_final=0.5"),
+                ("r_final 0.75 beats 1.0 (Tab. 6)", "r_final=0.75", "r_final=1.0")],
+    "r_schedule": [("warm-up–cool-down beats warm-up to r_final (Tab. 7)", "warmup-cooldown",
+                    "warmup to r_final")],
+}
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def verdict(better: list[float], worse: list[float]) -> dict:
+    """Paired by seed (same teacher, same evaluation noise): d = better − worse, 95 % t-interval of its mean.
+    Below 0 throughout: reproduced; above 0: not reproduced (the opposite holds); else inconclusive."""
+    d = [b - w for b, w in zip(better, worse, strict=True)]
+    m = statistics.mean(d)
+    half = T975[len(d) - 1] * statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else float("inf")
+    lo, hi = m - half, m + half
+    word = "reproduced" if hi < 0 else "not reproduced" if lo > 0 else "inconclusive"
+    return {"diff": m, "ci95": [lo, hi], "verdict": word}
+
+
 SAMPLERS = ("teacher@N", "student@1", "student@2", "student@4")
 
 
@@ -101,6 +126,13 @@ def main() -> None:
             summary["variants"][name][smp] = {"distance": d, "alignment": al}
             lines.append(f"| {name} | {smp} | {mean_std(d)} | {mean_std(al)} | {ms[0]['eval'][smp]['nfe']} |")
     lines.append(f"| real data (floor) | – | {summary['floor']:.3f} | – | – |")
+    summary["claims"] = []
+    for claim, better, worse in CLAIMS.get(a.table, []):
+        for smp in ("student@1", "student@2"):
+            v = verdict(summary["variants"][better][smp]["distance"], summary["variants"][worse][smp]["distance"])
+            summary["claims"].append({"claim": claim, "sampler": smp, **v})
+            lines.append(f"\n{claim}, {smp}: {v['verdict']} (difference {v['diff']:+.2f}, 95 % CI "
+                         f"[{v['ci95'][0]:+.2f}, {v['ci95'][1]:+.2f}] over {len(a.seeds)} paired seeds)")
     out = ROOT / a.results
     out.mkdir(parents=True, exist_ok=True)
     (out / f"quality_{a.backbone}_{a.table}.json").write_text(json.dumps(summary, indent=1))
