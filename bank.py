@@ -1,21 +1,24 @@
 """Beyond the paper: an offline trajectory bank, so the student trains with the teacher unloaded.
 
-In TBCM the teacher only makes pairs (x_t, t, dx_t/dt) along its own trajectories (Eq. 9, Alg. 1); the loss needs
-only the student. `build` rolls the teacher out exactly as `train.py` would online (same seeds, routes, prompts,
-CFG scales, noises) and records, per pair, the state x_t, the time t and the teacher's unconditional and
-conditional flow-matching velocities v_u, v_c (so dx_t/dt = σ_d·F is rebuilt bit for bit by
-`trigflow.guided`, at the rollout's CFG scale), per trajectory the prompt, w and the brightness filter's distance
-of its end point (the mask is drawn at training time), and the prompts' conditioning (text embeddings on Sana).
+In TBCM the teacher only makes pairs (x_t, t, dx_t/dt) along its own trajectories (Eq. 9, Alg. 1);
+the loss needs only the student. `build` rolls the teacher out exactly as `train.py` would online
+(same seeds, routes, prompts, CFG scales, noises) and records, per pair, the state x_t, the time t
+and the teacher's unconditional and conditional flow-matching velocities v_u, v_c (so dx_t/dt =
+σ_d·F is rebuilt bit for bit by `trigflow.guided`, at the rollout's CFG scale), per trajectory the
+prompt, w and the brightness filter's distance of its end point (the mask is drawn at training
+time), and the prompts' conditioning (text embeddings on Sana).
 
-    python bank.py build --out runs/bank-digits --pools 250         # the default run's 2000 steps of pairs
+    python bank.py build --out runs/bank-digits --pools 250         # the default run's 2000 steps
+    of pairs
     python train.py --bank runs/bank-digits --out runs/digits-bank  # no teacher, no text encoder
-    torchrun --nproc-per-node 2 bank.py build --out BANK --pools 250  # rank r writes pools r, r + 2, ...
+    torchrun --nproc-per-node 2 bank.py build --out BANK --pools 250  # rank r writes pools r, r +
+    2, ...
 
-Layout: BANK/manifest.json (backbone, SHA-256 of the teacher's weights, scheme, N, K, prompts, pool_steps, CFG
-scales, seed, shapes, storage dtype) and one BANK/pool-XXXXXX.safetensors per pool (pool_steps optimiser steps of
-pairs for every prompt slot). A shard is written under a temporary name and renamed, so a killed build leaves
-only whole shards and a rerun continues where it stopped; each shard's header holds a SHA-256 of its tensors,
-checked when it is read.
+Layout: BANK/manifest.json (backbone, SHA-256 of the teacher's weights, scheme, N, K, prompts,
+pool_steps, CFG scales, seed, shapes, storage dtype) and one BANK/pool-XXXXXX.safetensors per pool
+(pool_steps optimiser steps of pairs for every prompt slot). A shard is written under a temporary
+name and renamed, so a killed build leaves only whole shards and a rerun continues where it stopped;
+each shard's header holds a SHA-256 of its tensors, checked when it is read.
 """
 
 import argparse
@@ -39,10 +42,12 @@ from trigflow import TrigFlow, guided
 
 VERSION = 1
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# Config fields that define the pairs: taken from the manifest by `train.py --bank`, an error if contradicted.
+# Config fields that define the pairs: taken from the manifest by `train.py --bank`, an error if
+# contradicted.
 PAIR_FIELDS = ("backbone", "scheme", "N", "shift", "P_mean", "P_std", "prompts", "K", "pool_steps",
                "cfg_scales", "sigma_d", "tiny", "resolution", "max_sequence_length", "teacher_steps")
-# Fields a training run takes from the manifest unless given (where the teacher's weights are found).
+# Fields a training run takes from the manifest unless given (where the teacher's weights are
+# found).
 SOURCE_FIELDS = ("pretrained", "prompts_file", "cache_dir", "data_dir")
 
 
@@ -240,7 +245,8 @@ class Bank:
         v_u, v_c = (rec[k][part][sel].to(dev, torch.float32) for k in ("v_u", "v_c"))
         prompt, w, score = (rec[k][part][lo:hi].to(dev) for k in ("prompt", "w", "score"))
         traj = traj[sel].to(dev) - lo
-        # dx_t/dt = σ_d·F, rebuilt one time step at a time (the shapes of the online rollout's calls)
+        # dx_t/dt = σ_d·F, rebuilt one time step at a time (the shapes of the online rollout's
+        # calls)
         T, sd = hi - lo, self.sigma_d
         dxdt = torch.cat([sd * guided(x_t[i:i + T] / sd, t[i:i + T], v_u[i:i + T], v_c[i:i + T], w)
                           for i in range(0, len(t), T)])
