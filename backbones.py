@@ -162,17 +162,9 @@ class SanaBackbone(Backbone):
         self.L = cfg.max_sequence_length or (
             TINY_MAX_SEQUENCE_LENGTH if cfg.tiny else MAX_SEQUENCE_LENGTH)
 
-        # teacher: CFG against ""; student: seeded, since its guidance MLP's first layer is random
+        # teacher: CFG against ""
         teacher = TrigFlow(velocity(tr, parts.timestep_scale), uncond=empty_prompt(parts, self.L))
-        try:
-            with torch.random.fork_rng():
-                torch.manual_seed(cfg.seed)
-                transformer = make_student(tr, parts.timestep_scale)
-        except ValueError as e:
-            raise InputError(str(e)) from e
-        if cfg.grad_checkpointing:
-            transformer.enable_gradient_checkpointing()
-        student = SanaVelocity(jvp_safe(transformer), 1.0)  # SanaSprintPipeline feeds s itself
+        student = sana_student(tr, parts.timestep_scale, cfg.seed, cfg.grad_checkpointing)
         data_shape = (tr.config.in_channels, res // f, res // f)
         black = black_latent(parts, res, res).to(cfg.device)  # [1, C, h, w]
         super().__init__("sana", teacher, student, data_shape, len(prompts), black, prompts,
@@ -229,6 +221,20 @@ class SanaBackbone(Backbone):
         """A SanaSprintPipeline folder: the student's transformer with the teacher's other parts."""
         with quiet_loading():
             export_student(student.transformer, self.parts, folder)
+
+
+def sana_student(tr: Any, timestep_scale: float, seed: int, grad_checkpointing: bool) -> nn.Module:
+    """The Sana-Sprint student of teacher transformer `tr`, seeded (its guidance MLP's first layer is random),
+    with JVP-safe cross-attention, as a velocity model fed s itself (as SanaSprintPipeline does)."""
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            transformer = make_student(tr, timestep_scale)
+    except ValueError as e:
+        raise InputError(str(e)) from e
+    if grad_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    return SanaVelocity(jvp_safe(transformer), 1.0)
 
 
 def build(cfg) -> Backbone:

@@ -15,13 +15,18 @@ def black_distance(x0: torch.Tensor, black: torch.Tensor, sigma_d: float) -> tor
 
 def brightness_mask(x0: torch.Tensor, black: torch.Tensor, sigma_d: float, threshold: float,
                     mode: str = "soft", generator: torch.Generator | None = None) -> torch.Tensor:
-    """Sec. 4.3: keep-mask [B] (bool) of the trajectories whose end point x0 is not too close to black.
+    """Sec. 4.3: keep-mask [B] (bool) of the trajectories whose end point x0 is not too close to black."""
+    return mask_from_distance(black_distance(x0, black, sigma_d), threshold, mode, generator)
+
+
+def mask_from_distance(mse: torch.Tensor, threshold: float, mode: str = "soft",
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sec. 4.3 from the distances `black_distance` [B] (what an offline bank stores per trajectory).
 
     soft: keep with probability min(1, mse/threshold) (official code, threshold 1.0: drop with prob. 1 − mse);
     hard: keep iff mse ≥ threshold; off: keep all. Always draws B uniforms, so the generator's stream advances
     the same way whatever fires.
     """
-    mse = black_distance(x0, black, sigma_d)
     dev = generator.device if generator is not None else mse.device
     u = torch.rand(mse.shape, generator=generator, dtype=mse.dtype, device=dev).to(mse.device)
     if mode == "off":

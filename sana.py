@@ -121,6 +121,24 @@ def load_sana(folder: str | Path, device: torch.device | str, dtype: torch.dtype
     )
 
 
+def load_transformer(folder: str | Path, device: torch.device | str) -> tuple[Any, float]:
+    """Only the transformer of a SanaPipeline folder (fp32) and its timestep_scale (see load_sana): what training
+    from an offline bank needs to initialise the student; text encoder and DC-AE stay on disk."""
+    import json
+
+    from diffusers import SanaTransformer2DModel
+
+    folder = check_folder(folder)
+    try:
+        tr = SanaTransformer2DModel.from_pretrained(folder / "transformer", local_files_only=True)
+        sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    except Exception as e:  # whatever the loader raises, the folder is malformed
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise SanaFolderError(f"{folder}: cannot load ({reason}); {LAYOUT}") from e
+    scale = float(sched.get("num_train_timesteps", 1000) * tr.config.timestep_scale)
+    return tr.to(device).eval().requires_grad_(False), scale
+
+
 class SanaVelocity(torch.nn.Module):
     """diffusers SanaPipeline / SanaSprintPipeline transformer call as v(x_FM, s, cond, guidance).
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 import checkpoint
-from brightness_filter import brightness_mask
+from brightness_filter import black_distance, mask_from_distance
 from loss import LogvarHead, r_schedule, scm_loss
 from sampler import consistency_sample, default_times
 from trajectory import forward_pairs, logit_normal_times, reference_route, rollout, sample_route
@@ -84,6 +84,7 @@ class Config:
     grad_checkpointing: bool = False  # sana: recompute activations in the gradient pass (the JVP runs under
     # no_grad, where diffusers skips checkpointing, so forward AD never meets it)
     max_sequence_length: int = 0  # sana: text tokens per prompt (0: 300 as SanaPipeline, 16 with --tiny)
+    bank: str = ""  # train from an offline bank of pairs (bank.py): no teacher, text encoder or VAE in training
     resume: bool = False
     overwrite: bool = False
 
@@ -119,6 +120,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
             p.add_argument(flag, type=kind, default=None)
     p.error = lambda msg: (_ for _ in ()).throw(UsageError(msg))  # one line, exit 2, via main()
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    if given.get("bank"):  # the bank's pairs define these fields; contradicting them is an error
+        given = from_bank(given)
     preset = PRESETS.get(given.get("backbone", Config.backbone), {})
     cfg = Config(**{**preset, **given})
     if not cfg.out:
@@ -126,8 +129,38 @@ def parse_args(argv: list[str] | None = None) -> Config:
     return cfg
 
 
+def from_bank(given: dict) -> dict:
+    """`--bank`: the pair-defining fields come from the bank's manifest (an error if a flag says otherwise);
+    where to find the teacher's weights too, unless given."""
+    import bank
+
+    try:
+        m = bank.read_manifest(given["bank"])
+    except bank.BankError as e:
+        raise UsageError(str(e)) from e
+    pairs = {k: tuple(v) if isinstance(v, list) else v for k, v in m["config"].items()}
+    for k in bank.PAIR_FIELDS:
+        if k in given and given[k] != pairs[k]:
+            raise UsageError(f"--{k.replace('_', '-').lower()} {given[k]} contradicts the bank's {pairs[k]} "
+                             f"({given['bank']}); drop the flag or build another bank")
+    sources = {k: pairs[k] for k in bank.SOURCE_FIELDS}
+    return {**sources, **given, **{k: pairs[k] for k in bank.PAIR_FIELDS}}
+
+
 def validate(cfg: Config) -> None:
-    """Range checks, all before anything is built or written."""
+    """All checks, before anything is built or written."""
+    validate_ranges(cfg)
+    run = Path(cfg.out)
+    has_run = (run / "config.json").exists()
+    if cfg.resume and not checkpoint.latest(run / "checkpoints"):
+        raise UsageError(f"--resume: no checkpoint under {run}/checkpoints")
+    if has_run and not (cfg.resume or cfg.overwrite):
+        raise UsageError(f"{run} already holds a run; pass --resume to continue it, --overwrite to replace "
+                         "it, or --out for a new one")
+
+
+def validate_ranges(cfg: Config) -> None:
+    """Range checks and flag combinations."""
     checks = [
         (cfg.N >= 2, "--n must be at least 2 (the route's first time is π/2)"),
         (cfg.prompts >= 1 and cfg.K >= 1 and cfg.pool_steps >= 1, "--prompts, --k, --pool-steps must be >= 1"),
@@ -156,13 +189,8 @@ def validate(cfg: Config) -> None:
             raise UsageError(msg)
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {cfg.device} but CUDA is not available; use --device cpu")
-    run = Path(cfg.out)
-    has_run = (run / "config.json").exists()
-    if cfg.resume and not checkpoint.latest(run / "checkpoints"):
-        raise UsageError(f"--resume: no checkpoint under {run}/checkpoints")
-    if has_run and not (cfg.resume or cfg.overwrite):
-        raise UsageError(f"{run} already holds a run; pass --resume to continue it, --overwrite to replace "
-                         "it, or --out for a new one")
+    if cfg.bank and cfg.method != "tbcm":
+        raise UsageError("--bank holds TBCM trajectory pairs; drop --method scm")
 
 
 # ------------------------------------------------------------------------------------------ pairs
@@ -175,30 +203,47 @@ def seeded(*key: int) -> torch.Generator:
     return torch.Generator().manual_seed(s)
 
 
-def make_pool(cfg: Config, bb, pool: int, slots: range, rank: int = 0) -> dict[str, torch.Tensor]:
+def tbcm_inputs(cfg: Config, bb, key: tuple[int, ...], slots: range):
+    """One optimiser step's rollout inputs (Alg. 1): a route, per prompt slot one prompt repeated for its K
+    trajectories (paper Sec. 4.1: encoded once), a CFG scale and a noise per trajectory. Returns (route,
+    prompt [T], w [T], z [T, ...], gens): `gens` are the slots' generators, advanced past these draws (the
+    brightness filter draws from them next)."""
+    K, ws = cfg.K, torch.tensor(cfg.cfg_scales)
+    gens = [seeded(*key, j) for j in slots]  # one stream per prompt slot
+    route = sample_route(cfg.scheme, cfg.N, seeded(*key), shift=cfg.shift, P_mean=cfg.P_mean,
+                         P_std=cfg.P_std, sigma_d=cfg.sigma_d)  # one route per step (official code)
+    prompt = torch.cat([torch.randint(bb.n_prompts, (1,), generator=g).expand(K) for g in gens])
+    w = torch.cat([ws[torch.randint(len(ws), (K,), generator=g)] for g in gens])
+    z = cfg.sigma_d * torch.cat([torch.randn((K, *bb.data_shape), generator=g) for g in gens])
+    return route, prompt.to(cfg.device), w.to(cfg.device), z.to(cfg.device), gens
+
+
+def make_pool(cfg: Config, bb, pool: int, slots: range, rank: int = 0,
+              bank=None) -> dict[str, torch.Tensor]:
     """pool_steps optimiser steps' worth of pairs for the prompt slots of this rank, shuffled across steps:
-    TBCM rollouts along sampled routes (Eq. 9, Alg. 1) or, for the sCM baseline, forward-diffused real data."""
-    ws = torch.tensor(cfg.cfg_scales)
+    TBCM rollouts along sampled routes (Eq. 9, Alg. 1), the same pairs read from an offline bank (bank.py), or,
+    for the sCM baseline, forward-diffused real data."""
     K, dev, parts = cfg.K, cfg.device, []
     for part in range(cfg.pool_steps):
         key = (cfg.seed, pool, part)
-        gens = [seeded(*key, j) for j in slots]  # one stream per prompt slot
-        if cfg.method == "tbcm":
-            route = sample_route(cfg.scheme, cfg.N, seeded(*key), shift=cfg.shift, P_mean=cfg.P_mean,
-                                 P_std=cfg.P_std, sigma_d=cfg.sigma_d)  # one route per step (official code)
-            # a prompt per slot, encoded once and reused for its K trajectories (paper Sec. 4.1)
-            prompt = torch.cat([torch.randint(bb.n_prompts, (1,), generator=g).expand(K) for g in gens])
-            w = torch.cat([ws[torch.randint(len(ws), (K,), generator=g)] for g in gens])
-            z = cfg.sigma_d * torch.cat([torch.randn((K, *bb.data_shape), generator=g) for g in gens])
-            prompt, w, z = prompt.to(dev), w.to(dev), z.to(dev)
+        if bank is not None:  # the same pairs from an offline bank (bank.py); the filter draws as online
+            *_, gens = tbcm_inputs(cfg, bb, (bank.seed, pool, part), slots)
+            x_t, t, dxdt, traj, prompt, w, score = bank.part(pool, part, slots)
+            keep = torch.cat([mask_from_distance(score[i * K:(i + 1) * K], cfg.filter_threshold,
+                                                 cfg.filter_mode, g) for i, g in enumerate(gens)])
+            parts.append(dict(x_t=x_t, t=t, dxdt=dxdt, prompt=prompt[traj], w=w[traj], keep=keep[traj]))
+        elif cfg.method == "tbcm":
+            route, prompt, w, z, gens = tbcm_inputs(cfg, bb, key, slots)
             with autocast(cfg):
                 p = rollout(bb.teacher, z, route, bb.cond(prompt), w, cfg.sigma_d)
-            x0 = p.x0.float()
-            keep = torch.cat([brightness_mask(x0[i * K:(i + 1) * K], bb.black, cfg.sigma_d, cfg.filter_threshold,
-                                              cfg.filter_mode, g) for i, g in enumerate(gens)])
+            score = black_distance(p.x0.float(), bb.black, cfg.sigma_d)
+            keep = torch.cat([mask_from_distance(score[i * K:(i + 1) * K], cfg.filter_threshold,
+                                                 cfg.filter_mode, g) for i, g in enumerate(gens)])
             parts.append(dict(x_t=p.x_t, t=p.t, dxdt=p.dxdt, prompt=prompt[p.traj], w=w[p.traj],
                               keep=keep[p.traj]))
         else:
+            ws = torch.tensor(cfg.cfg_scales)
+            gens = [seeded(*key, j) for j in slots]
             n = K * (cfg.N - 1)  # equal pairs per prompt slot and step as TBCM
             data = [bb.real_data(n, g) for g in gens]
             x0, prompt = torch.cat([d[0] for d in data]), torch.cat([d[1] for d in data])
@@ -256,6 +301,7 @@ def train(cfg: Config, bb, run: Path, rank: int = 0, world: int = 1) -> tuple[to
     from tqdm import tqdm
 
     torch.manual_seed(cfg.seed)
+    bank = getattr(bb, "bank", None)  # pairs from an offline bank (bank.BankBackbone) instead of rollouts
     student, head = bb.student.train(), LogvarHead().to(cfg.device)
     ema = copy.deepcopy(student).requires_grad_(False).eval()
     params = [p for p in student.parameters() if p.requires_grad] + list(head.parameters())
@@ -274,7 +320,7 @@ def train(cfg: Config, bb, run: Path, rank: int = 0, world: int = 1) -> tuple[to
         checkpoint.restore_optimizer(opt, tensors, meta["optimizer"])
         st = meta["train"]
         if st["pool"] >= 0:
-            pool = make_pool(cfg, bb, st["pool"], slots, rank)  # the same pairs again, from their seeds
+            pool = make_pool(cfg, bb, st["pool"], slots, rank, bank)  # the same pairs again, from their seeds
         if rank == 0:
             truncate_log(run / "log.jsonl", st["step"])
 
@@ -295,7 +341,7 @@ def train(cfg: Config, bb, run: Path, rank: int = 0, world: int = 1) -> tuple[to
         for step in bar:
             if pool is None or st["pool_pos"] >= len(pool["t"]):
                 st["pool"] += 1
-                pool, st["pool_pos"] = make_pool(cfg, bb, st["pool"], slots, rank), 0
+                pool, st["pool_pos"] = make_pool(cfg, bb, st["pool"], slots, rank, bank), 0
             b = {k: v[st["pool_pos"]: st["pool_pos"] + per_step] for k, v in pool.items()}
             st["pool_pos"] += per_step
             r = r_schedule(step, cfg.H, cfg.S_r, cfg.T_r, cfg.r_final, cfg.r_direct)
@@ -397,6 +443,7 @@ def evaluate(cfg: Config, bb, ema: torch.nn.Module) -> tuple[dict, dict[str, tor
 # -------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     import backbones
+    import bank
     import report
 
     rank, world = dist_init()
@@ -410,11 +457,14 @@ def main(argv: list[str] | None = None) -> int:
         if rank > 0:
             barrier()  # rank 0 builds first: toy teachers are trained and cached once
         try:
-            bb = backbones.build(cfg)
+            if cfg.bank:  # training needs only the student: the teacher is built for evaluation afterwards
+                bb = bank.BankBackbone(cfg, bank.Bank(cfg.bank, cfg.device))
+            else:
+                bb = backbones.build(cfg)
         finally:
             if rank == 0:
                 barrier()  # released even if the build failed: the other ranks then fail the same way
-    except (UsageError, backbones.InputError) as e:
+    except (UsageError, backbones.InputError, bank.BankError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     run = Path(cfg.out)
@@ -434,8 +484,13 @@ def main(argv: list[str] | None = None) -> int:
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except bank.BankError as e:  # a shard found corrupted mid-run; the last checkpoint is kept
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if rank > 0:
         return 0
+    if cfg.bank:
+        bb = backbones.build(cfg)  # the teacher and its metrics, for evaluation only
     ev, shown = evaluate(cfg, bb, ema)
     bb.export(ema, run / "student")
     kept = st["kept_sum"] / max(st["kept_n"], 1)

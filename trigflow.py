@@ -93,19 +93,31 @@ class TrigFlow:
             raise ValueError("a TrigFlow model is either a CFG teacher (uncond) or a guided student")
         self.v, self.uncond, self.guidance_scale = v, uncond, guidance_scale
 
+    def velocities(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The CFG teacher's unconditional and conditional flow-matching velocities (v_u, v_c) at x = x_t/σ_d,
+        on one doubled batch (what an offline bank stores, so the CFG scale can be chosen later)."""
+        s = fm_time(t)
+        x_fm, n = fm_input(x, s), x.shape[0]
+        v_u, v_c = self.v(
+            torch.cat([x_fm, x_fm]), torch.cat([s, s]), _double(_expand(self.uncond, n), cond), None
+        ).chunk(2)
+        return v_u, v_c
+
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any, w: torch.Tensor | None = None):
+        if self.uncond is not None and w is not None:
+            return guided(x, t, *self.velocities(x, t, cond), w)
         s = fm_time(t)
         x_fm = fm_input(x, s)
-        if self.uncond is not None and w is not None:
-            n = x.shape[0]
-            v_u, v_c = self.v(
-                torch.cat([x_fm, x_fm]), torch.cat([s, s]), _double(_expand(self.uncond, n), cond), None
-            ).chunk(2)
-            # CFG in velocity space: v = v_u + w·(v_c − v_u)
-            v = v_u + bcast(w.to(v_u.dtype), v_u) * (v_c - v_u)
-        elif self.guidance_scale is not None:
-            g = None if w is None else self.guidance_scale * w
-            v = self.v(x_fm, s, cond, g)
+        if self.guidance_scale is not None:
+            v = self.v(x_fm, s, cond, None if w is None else self.guidance_scale * w)
         else:
             v = self.v(x_fm, s, cond, None)
         return trig_output(x_fm, v, s)
+
+
+def guided(x: torch.Tensor, t: torch.Tensor, v_u: torch.Tensor, v_c: torch.Tensor, w: torch.Tensor):
+    """Eq. (7) after CFG in velocity space, v = v_u + w·(v_c − v_u): the teacher's F at x = x_t/σ_d from its two
+    velocities (bit for bit what TrigFlow.__call__ returns, so pairs rebuilt from a bank match online ones)."""
+    s = fm_time(t)
+    v = v_u + bcast(w.to(v_u.dtype), v_u) * (v_c - v_u)
+    return trig_output(fm_input(x, s), v, s)
