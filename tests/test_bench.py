@@ -1,0 +1,61 @@
+"""bench/: the cost worker's JSON contract on digits (each variant in its own process) and the quality
+bench's paired-seed verdicts."""
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import cost  # noqa: E402
+import quality  # noqa: E402
+
+import bank  # noqa: E402
+
+FAST = ["--backbone", "digits", "--teacher-steps", "60", "--N", "4", "--prompts", "2", "--K", "2",
+        "--pool-steps", "1", "--n-eval", "100"]
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    """scm, tbcm and bank workers, 1 warm-up + 2 measured steps each."""
+    cache = str(tmp_path_factory.mktemp("cache"))
+    flags = [*FAST, "--cache-dir", cache]
+    b = tmp_path_factory.mktemp("bank") / "b"
+    assert bank.main(["build", "--out", str(b), "--pools", "3", *flags]) == 0
+    return {"scm": cost.run_worker("scm", [*flags, "--method", "scm"], 2, 1),
+            "tbcm": cost.run_worker("tbcm", flags, 2, 1),
+            "bank": cost.run_worker("bank", [*flags, "--bank", str(b)], 2, 1)}
+
+
+def test_cost_worker_contract(measured):
+    """The issue's schema per variant; stage times are non-negative and (with the rest) sum to the step;
+    each variant runs only its own stages."""
+    for name, v in measured.items():
+        assert {"time_per_pair_s", "step_s", "peak_rss_mb", "stages"} <= set(v)
+        assert v["steps_measured"] == 2 and v["pairs_per_step"] == 2 * 2 * 3
+        assert math.isclose(v["time_per_pair_s"] * v["pairs_per_step"], v["step_s"])
+        stages = v["stages"]
+        assert set(stages) == {*cost.STAGES, "student_fwd_bwd"}
+        assert all(s["s_per_step"] >= 0 and s["dynamic_mem_mb"] >= 0 for s in stages.values())
+        assert sum(s["s_per_step"] for s in stages.values()) >= v["step_s"] * (1 - 1e-9)
+        assert sum(s["s_per_step"] for k, s in stages.items() if k != "student_fwd_bwd") <= v["step_s"]
+        assert stages["jvp"]["s_per_step"] > 0 and stages["optimizer"]["s_per_step"] > 0
+        assert v["peak_rss_mb"] >= v["rss_after_load_mb"] >= v["rss_floor_mb"] > 0
+    assert measured["scm"]["stages"]["data"]["s_per_step"] > 0  # real data drawn
+    assert measured["tbcm"]["stages"]["teacher"]["s_per_step"] > 0  # rollouts
+    assert measured["bank"]["stages"]["teacher"]["s_per_step"] == 0  # no teacher at all
+    assert measured["bank"]["stages"]["data"]["s_per_step"] > 0  # shards read
+
+
+def test_quality_verdicts_are_paired_t_intervals():
+    """d = better − worse per seed; 95 % t-interval (df = n − 1) of its mean decides the verdict."""
+    v = quality.verdict([10.0, 11.0, 12.5], [12.0, 13.5, 14.0])  # d = −2, −2.5, −1.5
+    half = 4.303 * 0.5 / math.sqrt(3)
+    assert math.isclose(v["diff"], -2.0) and v["verdict"] == "reproduced"
+    assert math.isclose(v["ci95"][0], -2.0 - half) and math.isclose(v["ci95"][1], -2.0 + half)
+    assert quality.verdict([10.0, 14.0, 12.0], [12.0, 11.0, 12.5])["verdict"] == "inconclusive"
+    assert quality.verdict([13.0, 14.0, 15.0], [12.0, 12.5, 13.0])["verdict"] == "not reproduced"
