@@ -8,11 +8,9 @@ and the teacher's unconditional and conditional flow-matching velocities v_u, v_
 prompt, w and the brightness filter's distance of its end point (the mask is drawn at training
 time), and the prompts' conditioning (text embeddings on Sana).
 
-    python bank.py build --out runs/bank-digits --pools 250         # the default run's 2000 steps
-    of pairs
-    python train.py --bank runs/bank-digits --out runs/digits-bank  # no teacher, no text encoder
-    torchrun --nproc-per-node 2 bank.py build --out BANK --pools 250  # rank r writes pools r, r +
-    2, ...
+    python bank.py build --out runs/bank-digits        # the default run's pairs (250 pools)
+    python train.py --bank runs/bank-digits --out runs/digits-bank   # no teacher, no text encoder
+    torchrun --nproc-per-node 2 bank.py build --out BANK   # rank r writes pools r, r + 2, ...
 
 Layout: BANK/manifest.json (backbone, SHA-256 of the teacher's weights, scheme, N, K, prompts,
 pool_steps, CFG scales, seed, shapes, storage dtype) and one BANK/pool-XXXXXX.safetensors per pool

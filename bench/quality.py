@@ -100,9 +100,17 @@ def main() -> None:
     p.add_argument("--runs", default="runs/bench")
     p.add_argument("--results", default="bench/results")
     p.add_argument("--jobs", type=int, default=2, help="train.py processes at once (one thread each)")
+    p.add_argument("--rewrite", action="store_true", help="no training: rewrite the table's markdown and "
+                   "verdicts from its existing JSON in --results")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="more train.py flags after --")
     a = p.parse_args()
     extra = [x for x in a.extra if x != "--"]
+    if a.rewrite:
+        path = ROOT / a.results / f"quality_{a.backbone}_{a.table}.json"
+        if not path.exists():
+            p.error(f"--rewrite: {path} does not exist (run the table first)")
+        write(json.loads(path.read_text()), path.parent)
+        return
     variants = TABLES[a.table]
     jobs = [(name, [*f, *extra], s) for name, f in variants.items() for s in a.seeds]
     runs = ROOT / a.runs
@@ -117,26 +125,42 @@ def main() -> None:
     dname = next(iter(res.values()))[0]["eval"]["distance_name"]
     summary = {"table": a.table, "backbone": a.backbone, "seeds": a.seeds, "extra_flags": extra,
                "distance_name": dname, "floor": statistics.mean(floor), "variants": {}}
-    lines = [f"| variant | sampler | {dname} ↓ | alignment ↑ | NFE |", "|---|---|---|---|---|"]
     for name, ms in res.items():
         summary["variants"][name] = {"steps": ms[0]["train"]["steps"], "wall_s": [m["train"]["wall_s"] for m in ms]}
         for smp in SAMPLERS:
-            d = [m["eval"][smp]["distance"] for m in ms]
-            al = [m["eval"][smp]["alignment"] for m in ms]
-            summary["variants"][name][smp] = {"distance": d, "alignment": al}
-            lines.append(f"| {name} | {smp} | {mean_std(d)} | {mean_std(al)} | {ms[0]['eval'][smp]['nfe']} |")
+            summary["variants"][name][smp] = {"distance": [m["eval"][smp]["distance"] for m in ms],
+                                              "alignment": [m["eval"][smp]["alignment"] for m in ms],
+                                              "nfe": ms[0]["eval"][smp]["nfe"]}
+    write(summary, ROOT / a.results)
+
+
+def teacher_nfe(summary: dict) -> int:
+    """teacher@N's network evaluations (2 per step: CFG), for summaries written before `nfe` was stored."""
+    from train import parse_args
+
+    return 2 * parse_args(["--backbone", summary["backbone"], *summary["extra_flags"]]).eval_teacher_steps
+
+
+def write(summary: dict, out: Path) -> None:
+    """The markdown table and one verdict per claim (also into the JSON) from a summary."""
+    table, n = summary["table"], len(summary["seeds"])
+    lines = [f"| variant | sampler | {summary['distance_name']} ↓ | alignment ↑ | NFE |", "|---|---|---|---|---|"]
+    for name, v in summary["variants"].items():
+        for smp in SAMPLERS:
+            nfe = (v[smp].get("nfe") or teacher_nfe(summary)) if smp == "teacher@N" else int(smp[-1])
+            lines.append(f"| {name} | {smp} | {mean_std(v[smp]['distance'])} | {mean_std(v[smp]['alignment'])} | "
+                         f"{nfe} |")
     lines.append(f"| real data (floor) | – | {summary['floor']:.3f} | – | – |")
     summary["claims"] = []
-    for claim, better, worse in CLAIMS.get(a.table, []):
+    for claim, better, worse in CLAIMS.get(table, []):
         for smp in ("student@1", "student@2"):
             v = verdict(summary["variants"][better][smp]["distance"], summary["variants"][worse][smp]["distance"])
             summary["claims"].append({"claim": claim, "sampler": smp, **v})
             lines.append(f"\n{claim}, {smp}: {v['verdict']} (difference {v['diff']:+.2f}, 95 % CI "
-                         f"[{v['ci95'][0]:+.2f}, {v['ci95'][1]:+.2f}] over {len(a.seeds)} paired seeds)")
-    out = ROOT / a.results
+                         f"[{v['ci95'][0]:+.2f}, {v['ci95'][1]:+.2f}] over {n} paired seeds)")
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"quality_{a.backbone}_{a.table}.json").write_text(json.dumps(summary, indent=1))
-    (out / f"quality_{a.backbone}_{a.table}.md").write_text("\n".join(lines) + "\n")
+    (out / f"quality_{summary['backbone']}_{table}.json").write_text(json.dumps(summary, indent=1))
+    (out / f"quality_{summary['backbone']}_{table}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -1,6 +1,7 @@
 """bench/: the cost worker's JSON contract on digits (each variant in its own process) and the quality
 bench's paired-seed verdicts."""
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -26,9 +27,9 @@ def measured(tmp_path_factory):
     flags = [*FAST, "--cache-dir", cache]
     b = tmp_path_factory.mktemp("bank") / "b"
     assert bank.main(["build", "--out", str(b), "--pools", "3", *flags]) == 0
-    return {"scm": cost.run_worker("scm", [*flags, "--method", "scm"], 2, 1),
-            "tbcm": cost.run_worker("tbcm", flags, 2, 1),
-            "bank": cost.run_worker("bank", [*flags, "--bank", str(b)], 2, 1)}
+    return {"scm": cost.measure("scm", [*flags, "--method", "scm"], 2, 1),
+            "tbcm": cost.measure("tbcm", flags, 2, 1),
+            "bank": cost.measure("bank", [*flags, "--bank", str(b)], 2, 1)}
 
 
 def test_cost_worker_contract(measured):
@@ -59,3 +60,22 @@ def test_quality_verdicts_are_paired_t_intervals():
     assert math.isclose(v["ci95"][0], -2.0 - half) and math.isclose(v["ci95"][1], -2.0 + half)
     assert quality.verdict([10.0, 14.0, 12.0], [12.0, 11.0, 12.5])["verdict"] == "inconclusive"
     assert quality.verdict([13.0, 14.0, 15.0], [12.0, 12.5, 13.0])["verdict"] == "not reproduced"
+
+
+def test_quality_write_table_and_claims(tmp_path):
+    """`write` (also `--rewrite`): one row per variant and sampler, one verdict per claim and student
+    sampler, the same verdicts in the JSON."""
+    def v(d):
+        return {smp: {"distance": [x + i for x in d], "alignment": [1.0, 1.0, 1.0], "nfe": 1}
+                for i, smp in enumerate(quality.SAMPLERS)}
+
+    summary = {"table": "r_schedule", "backbone": "digits", "seeds": [0, 1, 2], "extra_flags": [],
+               "distance_name": "fd", "floor": 1.0,
+               "variants": {"warmup to r_final": v([12.0, 13.5, 14.0]), "warmup-cooldown": v([10.0, 11.0, 12.5])}}
+    quality.write(summary, tmp_path)
+    md = (tmp_path / "quality_digits_r_schedule.md").read_text().splitlines()
+    assert sum(line.startswith("| warmup") for line in md) == 2 * len(quality.SAMPLERS)
+    verdicts = [line for line in md if "paired seeds" in line]
+    assert len(verdicts) == 2 and all(": reproduced (difference -2.00" in line for line in verdicts)
+    saved = json.loads((tmp_path / "quality_digits_r_schedule.json").read_text())
+    assert [c["verdict"] for c in saved["claims"]] == ["reproduced", "reproduced"]
