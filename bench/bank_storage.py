@@ -3,7 +3,7 @@
 For each dtype a bank for the default run (2000 steps) is built and the default run is trained from
 it; the fp32 bank's run is compared bit for bit with the online run (same seeds), fp16/bf16 runs by
 their losses and final metrics. Writes bench/results/bank_digits.{json,md}.
-    python bench/bank_storage.py         # ~15 min on 2 cores; reuses finished builds and runs
+    python bench/bank_storage.py         # ~12 min on 2 cores; reuses finished builds and runs
 """
 
 import argparse
