@@ -438,7 +438,8 @@ def main() -> None:
     p.add_argument("--pretrained", default="", metavar="DIR", help="small-sana: this local SanaPipeline "
                    "folder instead of the small random one (e.g. the paper's teacher, on a GPU)")
     p.add_argument("--work", default="runs/cost", help="pipeline, images and banks are kept here")
-    p.add_argument("--json", default="", help="default bench/results/cost_<config>[_quick|_sweep].json")
+    p.add_argument("--json", default="", help="default bench/results/cost_<config or pretrained>[_quick|_sweep]"
+                   ".json")
     p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--flags", help=argparse.SUPPRESS)
     p.add_argument("extra", nargs=argparse.REMAINDER, help="more train.py flags after --, for every variant "
@@ -462,7 +463,7 @@ def main() -> None:
             p.error("--sweep needs at least two resolutions, each a multiple of 32 and at least 64")
         res = sweep(resolutions, ROOT / a.work, warmup, a.pretrained, extra)
         md = sweep_table(res) + "\n"
-        name = "cost_small-sana_sweep"
+        name = "cost_pretrained_sweep" if a.pretrained else "cost_small-sana_sweep"
     else:
         resolution = a.resolution or (256 if a.quick else 512)
         work = ROOT / a.work / f"{a.config}-{resolution}"
@@ -491,7 +492,7 @@ def main() -> None:
                "claims": claim_lines(ratios)}
         md = (table(res) + "\n\nratios: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()) + "\n\n"
               + "\n\n".join(res["claims"]) + "\n")
-        name = f"cost_{a.config}" + ("_quick" if a.quick else "")
+        name = ("cost_pretrained" if a.pretrained else f"cost_{a.config}") + ("_quick" if a.quick else "")
     path = Path(a.json or ROOT / "bench" / "results" / f"{name}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(res, indent=1))

@@ -1,5 +1,5 @@
-"""bench/: the cost worker's JSON contract on digits (each variant in its own process) and the quality
-bench's paired-seed verdicts."""
+"""bench/: the cost worker's JSON contract on digits (each variant in its own process), its claim lines and
+bad-input errors; the quality bench's paired-seed verdicts and tables."""
 
 import json
 import math
@@ -52,6 +52,15 @@ def test_cost_worker_contract(measured):
     assert measured["tbcm"]["stages"]["teacher"]["s_per_step"] > 0  # rollouts
     assert measured["bank"]["stages"]["teacher"]["s_per_step"] == 0  # no teacher at all
     assert measured["bank"]["stages"]["data"]["s_per_step"] > 0  # shards read
+
+
+def test_cost_claim_lines_compare_with_the_papers_ratios():
+    """At or below the paper's ratio (Tab. 3: 4640/7965 h, 22.6/62.9 GB) a claim is reproduced, above not."""
+    at = {"tbcm_over_scm_time_per_pair": 4640 / 7965, "tbcm_over_scm_peak_memory": 0.37,
+          "bank_over_scm_peak_memory": 0.2, "bank_over_tbcm_time_per_pair": 1.01}
+    lines = cost.claim_lines(at)
+    assert [line.endswith(", reproduced") for line in lines] == [True, False, True, False]
+    assert lines[1] == "TBCM/sCM peak memory (Tab. 3: 0.36): measured 0.37, not reproduced at this scale"
 
 
 def test_quality_verdicts_are_paired_t_intervals():
