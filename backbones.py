@@ -1,245 +1,249 @@
-"""Backbones plugged into train.py: a teacher, a student, prompts, real data, the black latent, evaluation.
+"""The one teacher interface (`Teacher`) and its kinds: toy teachers trained here, Sana (diffusers).
 
-A backbone hides where these come from (toy nets trained here, or Sana from a local diffusers folder) behind one
-small interface, so the TBCM / sCM loop in train.py is the same for every backbone. Data are in flow-matching units
-(the TrigFlow x0 is σ_d·that, σ_d = 0.5); a prompt is an index into the backbone's prompt table.
+Flow-matching units at this interface (x_s = (1 − s)·x0 + s·ε, v = ε − x0, s ∈ [0, 1]); pairs.py and
+metrics.py wrap `velocity` in trigflow.TrigFlow (Eqs. 5–7), so trajectory.py, loss.py and
+sampler.py see TrigFlow units only (t = 0 is data, x0 there is σ_d·x0). A prompt is an index.
 """
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+import metrics
+import sana
+import sana_io
+import sana_tiny
 import toy
-from sana import (CACHED_PROMPTS, MAX_SEQUENCE_LENGTH, TINY_MAX_SEQUENCE_LENGTH, TINY_PROMPTS, VAE_BATCH,
-                  SanaFolderError, SanaVelocity, black_latent, check_folder, decode, empty_prompt,
-                  encode_images, encode_prompts, export_student, image_folder, jvp_safe, load_image,
-                  load_sana, make_student, quiet_loading, read_prompts, tiny_folder, velocity)
-from trigflow import TrigFlow
+import toy_teacher
+from checkpoint import save_module, weights_sha256
+from config import Config, UsageError
 
 
-class InputError(ValueError):
-    """Missing or malformed user input found while building a backbone (exit 2 in train.py)."""
+class Teacher(Protocol):
+    """Everything TBCM needs from a teacher: implement it to distil your own (README: your teacher).
 
+    Flow-matching units throughout (data x0, a latent for Sana; x_s = (1 − s)·x0 + s·ε; v = ε − x0).
+    """
 
-@dataclass
-class Backbone:
-    """What the training loop needs from a backbone."""
-
-    name: str
-    teacher: TrigFlow  # CFG teacher F(x_t/σ_d, t, cond, w)
-    student: nn.Module  # trainable velocity net v(x_FM, s, cond, guidance), initialised from the teacher
-    data_shape: tuple[int, ...]
-    n_prompts: int
-    black: torch.Tensor  # the black image's latent in FM units, [1, *data_shape]
-    prompt_names: list[str]
-    distance_name: str
+    data_shape: tuple[int, ...]  # one sample, e.g. (C, h, w)
+    prompt_names: list[str]  # prompt index → its text (toy: the class)
+    velocity: nn.Module  # the frozen teacher v(x_s [B, ...], s [B], cond, None) → v [B, ...]
+    uncond: (
+        Any  # the empty prompt's (null class's) conditioning, batch 1: CFG's unconditional branch
+    )
+    black: (
+        torch.Tensor
+    )  # [1, *data_shape]: the all-black image's data (latent), for the brightness filter
+    distance_name: str  # what `evaluate` reports as "distance" (lower is better)
 
     def cond(self, prompt: torch.Tensor) -> Any:
-        """The conditioning of prompt indices [B] (toy: the class labels themselves)."""
-        return prompt
+        """Prompt indices [B] → conditioning of batch B (a tensor or a tuple of tensors)."""
+
+    def student(self) -> nn.Module:
+        """A new trainable student v(x_s, s, cond, guidance): the teacher's network plus a guidance
+        embedding (fed 0.1·w) whose output layer is zero: the teacher at step 0 (Sana-Sprint)."""
 
     def real_data(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """sCM baseline: n real samples (FM units) and their prompt indices."""
-        raise NotImplementedError
+        """The sCM baseline only: n real samples [n, *data_shape] and their prompt indices [n]."""
 
-    def evaluate(self, x0: torch.Tensor, prompt: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
-        """{"distance", "alignment"} of generated samples x0 (FM units) for their prompts; ref holds the
-        teacher's samples from the same noise (backbones without real data compare against it)."""
-        raise NotImplementedError
-
-    def to_images(self, x0: torch.Tensor) -> torch.Tensor:
-        """Samples (FM units) → images [B, C, H, W] in [−1, 1] for samples.png (toy: already images)."""
-        return x0
+    def evaluate(
+        self, x0: torch.Tensor, prompt: torch.Tensor, ref: torch.Tensor
+    ) -> dict[str, float]:
+        """{"distance", "alignment"} of samples x0 for their prompts (ref: teacher@N's samples)."""
 
     def floor(self, n: int) -> dict[str, float]:
-        """Real-vs-real distance at n samples."""
-        raise NotImplementedError
+        """{"distance"} of n real samples against held-out data: the floor (0 without real data)."""
+
+    def to_images(self, x0: torch.Tensor) -> torch.Tensor:
+        """Samples → images [B, C, H, W] in [−1, 1], for samples.png."""
 
     def export(self, student: nn.Module, folder: Path) -> None:
-        """Save the distilled student (toy: safetensors + JSON; Sana: a SanaSprintPipeline folder)."""
-        raise NotImplementedError
+        """Save the distilled student where users load it from."""
 
 
-class ToyBackbone(Backbone):
-    """toy2d / digits / cifar10: a flow-matching teacher trained here (cached), class label = prompt."""
+class ToyTeacher:
+    """toy2d / digits / cifar10: a flow-matching teacher trained here (cached); prompt = class."""
 
-    def __init__(self, name: str, device: str, data_dir: str | None, cache_root: str, seed: int,
-                 teacher_steps: int | None = None):
-        import metrics
-
+    def __init__(self, cfg: Config):
+        name, data_dir = cfg.backbone, cfg.data_dir or None
         try:  # data first: a missing --data-dir fails before anything is trained or written
             x, y, C = toy.load_data(name, "train", data_dir)
         except toy.ToyDataError as e:
-            raise InputError(str(e)) from e
-        net = toy.train_teacher(name, data_dir, device, f"{cache_root}/teachers", steps=teacher_steps)
-        black = -torch.ones(1, *x.shape[1:]) if x.dim() > 2 else torch.zeros(1, *x.shape[1:])
-        super().__init__(name, TrigFlow(net, uncond=torch.tensor([C], device=device)),
-                         toy.student_from_teacher(net).to(device), tuple(x.shape[1:]), C, black.to(device),
-                         [str(c) for c in range(C)], metrics.DISTANCE_NAME[name])
-        self.x, self.y, self.device = x.to(device), y.to(device), device
-        self.evaluator = metrics.Evaluator(name, data_dir, device, f"{cache_root}/classifiers", seed)
+            raise UsageError(str(e)) from e
+        self.net = self.velocity = toy_net(cfg)
+        self.cfg, self.x, self.y, self.device = cfg, x.to(cfg.device), y.to(cfg.device), cfg.device
+        self.data_shape, self.prompt_names = tuple(x.shape[1:]), [str(c) for c in range(C)]
+        self.uncond = torch.tensor([C], device=cfg.device)  # class C: the null class
+        black = torch.zeros(1, *x.shape[1:]) - float(x.dim() > 2)  # images: all −1; 2-D points: 0
+        self.black, self.distance_name = black.to(cfg.device), metrics.DISTANCE_NAME[name]
+        self._evaluator = None
 
-    def real_data(self, n, generator):
+    def cond(self, prompt: torch.Tensor) -> torch.Tensor:
+        return prompt
+
+    def student(self) -> nn.Module:
+        return toy_teacher.student_from_teacher(self.net).to(self.device)
+
+    def real_data(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         i = torch.randint(len(self.x), (n,), generator=generator).to(self.device)
         return self.x[i], self.y[i]
 
-    def evaluate(self, x0, prompt, ref):
-        return self.evaluator(x0, prompt)
+    def evaluator(self) -> metrics.Evaluator:
+        """Built on first use (its classifier is trained once and cached)."""
+        if self._evaluator is None:
+            c = self.cfg
+            cache = f"{c.cache_dir}/classifiers"
+            self._evaluator = metrics.Evaluator(
+                c.backbone, c.data_dir or None, c.device, cache, c.seed
+            )
+        return self._evaluator
 
-    def floor(self, n):
-        return self.evaluator.floor(n)
+    def evaluate(self, x0: torch.Tensor, prompt: torch.Tensor, ref: torch.Tensor) -> dict:
+        return self.evaluator()(x0, prompt)
 
-    def export(self, student, folder):
-        toy.save_module(student, toy.TEACHERS[self.name], folder)
+    def floor(self, n: int) -> dict[str, float]:
+        return self.evaluator().floor(n)
 
+    def to_images(self, x0: torch.Tensor) -> torch.Tensor:
+        return x0  # toy data are images in [−1, 1] already (or 2-D points)
 
-# ------------------------------------------------------------------------------------------- Sana
-def check_input(cfg: Any) -> tuple[list[str], list[Path], list[str]]:
-    """train.py's sana flags → (prompts, image paths, captions) or InputError; nothing is loaded."""
-    if bool(cfg.pretrained) == bool(cfg.tiny):
-        raise InputError("--backbone sana needs exactly one of --pretrained DIR (a local "
-                         "SanaPipeline folder) or --tiny (a tiny random pipeline)")
-    if cfg.resolution <= 0 or cfg.resolution % 32:  # SanaSprintPipeline.check_inputs
-        raise InputError(f"--resolution {cfg.resolution}: must be a positive multiple of 32")
-    if cfg.max_sequence_length < 0:
-        raise InputError("--max-sequence-length must be >= 0 (0: 300, or 16 with --tiny)")
-    if cfg.method == "scm" and not cfg.images:
-        raise InputError("--method scm on sana needs --images DIR (images with same-name .txt "
-                         "captions); --method tbcm needs prompts only")
-    if cfg.method == "tbcm" and cfg.images:
-        raise InputError("--images is for --method scm; --method tbcm needs prompts only")
-    if cfg.prompts_file:
-        try:
-            prompts = read_prompts(cfg.prompts_file)
-        except ValueError as e:
-            raise InputError(str(e)) from e
-    elif cfg.method == "scm":
-        prompts = []  # the captions are the prompts
-    elif cfg.tiny:
-        prompts = list(TINY_PROMPTS)
-    else:
-        raise InputError("--backbone sana needs --prompts-file F (UTF-8 text, one prompt per line)")
-    try:
-        if cfg.pretrained:
-            check_folder(cfg.pretrained)
-        paths, captions = image_folder(cfg.images) if cfg.images else ([], [])
-    except SanaFolderError as e:
-        raise InputError(str(e)) from e
-    except ValueError as e:  # from image_folder
-        raise InputError(f"--images {e}") from e
-    return prompts, paths, captions
+    def export(self, student: nn.Module, folder: Path) -> None:
+        save_module(student, toy_teacher.TEACHERS[self.cfg.backbone], folder)
 
 
-class SanaBackbone(Backbone):
+class SanaTeacher:
     """Sana from a local SanaPipeline folder (--pretrained) or a tiny random one (--tiny).
 
-    Teacher: the FM transformer under CFG against the encoding of "" (Eqs. 5–7); student: the
-    Sana-Sprint student (make_student) with JVP-safe cross-attention; data: FM latents [C, h, w].
-    Each prompt is encoded once and cached, so its K trajectories reuse it (TBCM Sec. 4.1). Without
-    real metrics, evaluation compares each sampler with teacher@N on the same noise and prompts.
+    CFG against the encoding of "" (Eqs. 5–7 in trigflow); the Sana-Sprint student with JVP-safe
+    cross-attention; data: FM latents [C, h, w]. Each prompt is encoded once and cached, so its K
+    reuse it (TBCM Sec. 4.1). Without real images, evaluation compares each sampler with teacher@N.
     """
 
-    def __init__(self, cfg: Any):
-        prompts, self.image_paths, captions = check_input(cfg)  # before anything is loaded
+    def __init__(self, cfg: Config):
+        try:  # every input is checked before anything is loaded
+            prompts, self.image_paths, captions = sana_io.check_input(cfg)
+            with sana_io.quiet_loading():
+                folder = sana_tiny.tiny_folder(cfg.cache_dir) if cfg.tiny else cfg.pretrained
+                self.parts = sana.load_sana(
+                    folder, cfg.device, torch.float32
+                )  # fp32 master weights
+        except sana_io.SanaInputError as e:
+            raise UsageError(str(e)) from e
         # the captions join the prompt table; image k has prompt image_prompt[k]
         prompts += [c for c in dict.fromkeys(captions) if c not in prompts]
         self.image_prompt = torch.tensor([prompts.index(c) for c in captions], dtype=torch.long)
-        res = cfg.resolution
-        # the pipeline: fp32 master weights; bf16 only through train.py's autocast
-        try:
-            with quiet_loading():
-                folder = tiny_folder(cfg.cache_dir) if cfg.tiny else cfg.pretrained
-                parts = load_sana(folder, cfg.device, torch.float32)
-        except SanaFolderError as e:
-            raise InputError(str(e)) from e
-        f, tr = parts.vae_scale_factor, parts.transformer
+        f, tr, res = self.parts.vae_scale_factor, self.parts.transformer, cfg.resolution
         if res % (f * tr.config.patch_size):
-            raise InputError(f"--resolution {res}: must be a multiple of "
-                             f"{f * tr.config.patch_size} for this DC-AE and transformer")
+            raise UsageError(
+                f"--resolution {res}: must be a multiple of {f * tr.config.patch_size} for this "
+                "DC-AE and transformer"
+            )
         self.L = cfg.max_sequence_length or (
-            TINY_MAX_SEQUENCE_LENGTH if cfg.tiny else MAX_SEQUENCE_LENGTH)
-
-        # teacher: CFG against ""
-        teacher = TrigFlow(velocity(tr, parts.timestep_scale), uncond=empty_prompt(parts, self.L))
-        student = sana_student(tr, parts.timestep_scale, cfg.seed, cfg.grad_checkpointing)
-        data_shape = (tr.config.in_channels, res // f, res // f)
-        black = black_latent(parts, res, res).to(cfg.device)  # [1, C, h, w]
-        super().__init__("sana", teacher, student, data_shape, len(prompts), black, prompts,
-                         "paired_mse_to_teacher")
-        self.parts, self.device, self.resolution = parts, cfg.device, res
+            sana_tiny.TINY_MAX_SEQUENCE_LENGTH if cfg.tiny else sana.MAX_SEQUENCE_LENGTH
+        )
+        self.cfg, self.device, self.resolution, self.prompt_names = cfg, cfg.device, res, prompts
+        self.velocity = sana.SanaVelocity(tr, self.parts.timestep_scale)
+        self.uncond = sana.empty_prompt(self.parts, self.L)  # CFG against ""
+        self.data_shape = (tr.config.in_channels, res // f, res // f)
+        self.black = sana.black_latent(self.parts, res, res).to(cfg.device)  # [1, C, h, w]
+        self.distance_name = "paired_mse_to_teacher"
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def cond(self, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """TBCM Sec. 4.1: prompt indices [B] → (embeds [B, L, D], mask [B, L]); encoded once."""
+        """TBCM Sec. 4.1: prompt indices [B] → (embeds [B, L, D], mask [B, L]), encoded once."""
         idx = prompt.tolist()
         for i in dict.fromkeys(idx):
-            if i not in self._cache:
-                # one prompt per call and no autocast: the cache does not depend on the batch or the
-                # precision of whichever pass asked first
+            if (
+                i not in self._cache
+            ):  # one prompt per call, no autocast: the cache does not depend on the
+                # batch or the precision of whichever pass asked first
                 with torch.autocast(torch.device(self.device).type, enabled=False):
-                    self._cache[i] = encode_prompts(self.parts, [self.prompt_names[i]], self.L)
+                    self._cache[i] = sana.encode_prompts(self.parts, [self.prompt_names[i]], self.L)
         embeds = torch.cat([self._cache[i][0] for i in idx]).to(self.device)
         mask = torch.cat([self._cache[i][1] for i in idx]).to(self.device)
-        # at most CACHED_PROMPTS encodings: drop the oldest (dicts keep insertion order) not in use
-        in_use = set(idx)
-        stale = [k for k in self._cache if k not in in_use]
-        for k in stale[: max(0, len(self._cache) - CACHED_PROMPTS)]:
+        stale = [
+            k for k in self._cache if k not in set(idx)
+        ]  # oldest first (dicts keep insertion order)
+        for k in stale[: max(0, len(self._cache) - sana.CACHED_PROMPTS)]:
             del self._cache[k]
         return embeds, mask
+
+    def student(self) -> nn.Module:
+        return sana_student(self.parts.transformer, self.parts.timestep_scale, self.cfg)
 
     def real_data(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Sana-Sprint (sCM baseline): n images drawn with replacement, read and DC-AE-encoded on
         every call as its data loader does → (FM latents [n, C, h, w], prompt indices [n])."""
         k = torch.randint(len(self.image_paths), (n,), generator=generator)
-        pixels = torch.stack([load_image(self.image_paths[j], self.resolution) for j in k.tolist()])
-        x0 = torch.cat([encode_images(self.parts, pixels[i:i + VAE_BATCH])
-                        for i in range(0, n, VAE_BATCH)])
+        pixels = torch.stack(
+            [sana_io.load_image(self.image_paths[j], self.resolution) for j in k.tolist()]
+        )
+        B = sana.VAE_BATCH
+        x0 = torch.cat([sana.encode_images(self.parts, pixels[i : i + B]) for i in range(0, n, B)])
         return x0.to(self.device, torch.float32), self.image_prompt[k].to(self.device)
 
-    def evaluate(self, x0: torch.Tensor, prompt: torch.Tensor,
-                 ref: torch.Tensor) -> dict[str, float]:
-        """Paired error to teacher@N on the same noise and prompts (FM units): distance = MSE over
-        all elements; alignment = cosine similarity of each sample with its teacher sample, averaged
-        over samples (1 = same direction). teacher@N itself scores 0 and 1."""
+    def evaluate(
+        self, x0: torch.Tensor, prompt: torch.Tensor, ref: torch.Tensor
+    ) -> dict[str, float]:
+        """Paired error to teacher@N on the same noise and prompts: distance = MSE over all
+        elements, alignment = mean per-sample cosine similarity (teacher@N scores 0 and 1)."""
         x, y = x0.flatten(1).float(), ref.flatten(1).float()
         cos = torch.nn.functional.cosine_similarity(x, y, dim=1)
         return {"distance": float(((x - y) ** 2).mean()), "alignment": float(cos.mean())}
 
     def floor(self, n: int) -> dict[str, float]:
-        """Paired error of teacher@N with itself: 0 (there is no real data to compare)."""
-        return {"distance": 0.0}
+        return {"distance": 0.0}  # no real data to compare
 
     def to_images(self, x0: torch.Tensor) -> torch.Tensor:
-        """SanaPipeline decode: FM latents [B, C, h, w] → images in [−1, 1] [B, 3, H, W]."""
-        images = [decode(self.parts, x0[i:i + VAE_BATCH]) for i in range(0, len(x0), VAE_BATCH)]
-        return 2 * torch.cat(images) - 1
+        """SanaPipeline decode: FM latents [B, C, h, w] → images [B, 3, H, W] in [−1, 1]."""
+        B = sana.VAE_BATCH
+        return (
+            2 * torch.cat([sana.decode(self.parts, x0[i : i + B]) for i in range(0, len(x0), B)])
+            - 1
+        )
 
-    def export(self, student: torch.nn.Module, folder: Path) -> None:
+    def export(self, student: nn.Module, folder: Path) -> None:
         """A SanaSprintPipeline folder: the student's transformer with the teacher's other parts."""
-        with quiet_loading():
-            export_student(student.transformer, self.parts, folder)
+        with sana_io.quiet_loading():
+            sana.export_student(student.transformer, self.parts, folder)
 
 
-def sana_student(tr: Any, timestep_scale: float, seed: int, grad_checkpointing: bool) -> nn.Module:
-    """The Sana-Sprint student of teacher transformer `tr`, seeded (its guidance MLP's first layer is random),
-    with JVP-safe cross-attention, as a velocity model fed s itself (as SanaSprintPipeline does)."""
+def sana_student(tr: Any, timestep_scale: float, cfg: Config) -> nn.Module:
+    """The Sana-Sprint student of transformer `tr`, seeded (its guidance MLP's first layer is
+    random), with JVP-safe cross-attention, fed s itself as SanaSprintPipeline does."""
     try:
         with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            transformer = make_student(tr, timestep_scale)
+            torch.manual_seed(cfg.seed)
+            transformer = sana.make_student(tr, timestep_scale)
     except ValueError as e:
-        raise InputError(str(e)) from e
-    if grad_checkpointing:
+        raise UsageError(str(e)) from e
+    if cfg.grad_checkpointing:
         transformer.enable_gradient_checkpointing()
-    return SanaVelocity(jvp_safe(transformer), 1.0)
+    return sana.SanaVelocity(sana.jvp_safe(transformer), 1.0)
 
 
-def build(cfg) -> Backbone:
-    """The backbone named by cfg.backbone (heavy imports only for Sana)."""
-    if cfg.backbone in toy.BACKBONES:
-        return ToyBackbone(cfg.backbone, cfg.device, cfg.data_dir or None, cfg.cache_dir, cfg.seed,
-                           cfg.teacher_steps or None)
-    return SanaBackbone(cfg)
+def build(cfg: Config) -> Teacher:
+    """The teacher named by cfg.backbone."""
+    return ToyTeacher(cfg) if cfg.backbone in toy.BACKBONES else SanaTeacher(cfg)
+
+
+def build_student(cfg: Config) -> tuple[nn.Module, str]:
+    """Only the student, from the teacher's weights (then dropped), and those weights' SHA-256:
+    what training from an offline bank needs (no text encoder, no VAE)."""
+    if cfg.backbone == "sana":
+        try:
+            folder = sana_tiny.tiny_folder(cfg.cache_dir) if cfg.tiny else cfg.pretrained
+            tr, scale = sana.load_transformer(folder, cfg.device)
+        except sana_io.SanaInputError as e:
+            raise UsageError(str(e)) from e
+        return sana_student(tr, scale, cfg), weights_sha256(tr)
+    net = toy_net(cfg)
+    return toy_teacher.student_from_teacher(net).to(cfg.device), weights_sha256(net)
+
+
+def toy_net(cfg: Config) -> nn.Module:
+    """The toy teacher's velocity net, trained by flow matching on first use and cached."""
+    data_dir, cache, steps = cfg.data_dir or None, f"{cfg.cache_dir}/teachers", cfg.teacher_steps
+    return toy_teacher.train_teacher(cfg.backbone, data_dir, cfg.device, cache, steps=steps or None)

@@ -1,31 +1,26 @@
-"""Brightness filter (Sec. 4.3, App. D): drop trajectories whose end point lies near the latent of a black image.
+"""Brightness filter (Sec. 4.3, App. D): drop trajectories whose end point is near a black latent.
 
-Distance = per-sample MSE between the end point x0/σ_d (flow-matching units, what a VAE latent is) and the black
-latent. Hard mode keeps mse ≥ threshold (the paper's text); soft mode (official code) drops a sample with
-mse < threshold with probability 1 − mse/threshold. t = 0 is data; σ_d = 0.5.
+Distance = per-sample MSE between the end point x0/σ_d at t = 0 (flow-matching units, what a VAE
+latent is) and the latent of a black image. Hard mode keeps mse ≥ threshold (the paper's text);
+soft mode (official code) drops a sample with mse < threshold with probability 1 − mse/threshold.
 """
 
 import torch
 
 
 def black_distance(x0: torch.Tensor, black: torch.Tensor, sigma_d: float) -> torch.Tensor:
-    """App. D: per-sample MSE between x0/σ_d [B, ...] and the black latent (broadcast, e.g. [1, ...])."""
+    """App. D: per-sample MSE between x0/σ_d [B, ...] and the black latent (broadcast: [1, ...])."""
     return ((x0 / sigma_d - black) ** 2).flatten(1).mean(1)
 
 
-def brightness_mask(x0: torch.Tensor, black: torch.Tensor, sigma_d: float, threshold: float,
-                    mode: str = "soft", generator: torch.Generator | None = None) -> torch.Tensor:
-    """Sec. 4.3: keep-mask [B] (bool) of the trajectories whose end point x0 is not too close to black."""
-    return mask_from_distance(black_distance(x0, black, sigma_d), threshold, mode, generator)
+def mask_from_distance(
+    mse: torch.Tensor, *, threshold: float, mode: str, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Sec. 4.3 from the distances `black_distance` [B] (what a bank stores per trajectory).
 
-
-def mask_from_distance(mse: torch.Tensor, threshold: float, mode: str = "soft",
-                       generator: torch.Generator | None = None) -> torch.Tensor:
-    """Sec. 4.3 from the distances `black_distance` [B] (what an offline bank stores per trajectory).
-
-    soft: keep with probability min(1, mse/threshold) (official code, threshold 1.0: drop with prob. 1 − mse);
-    hard: keep iff mse ≥ threshold; off: keep all. Always draws B uniforms, so the generator's stream advances
-    the same way whatever fires.
+    soft: keep with probability min(1, mse/threshold) (official code, threshold 1.0: drop with
+    probability 1 − mse); hard: keep iff mse ≥ threshold; off: keep all. Always draws B uniforms, so
+    the generator's stream advances the same way whatever fires.
     """
     dev = generator.device if generator is not None else mse.device
     u = torch.rand(mse.shape, generator=generator, dtype=mse.dtype, device=dev).to(mse.device)

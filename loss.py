@@ -1,8 +1,8 @@
 """The continuous-time consistency loss of sCM as TBCM trains it (Eqs. 2–4, Alg. 1, Sec. 4.3).
 
-Tangent g = cos t·df⁻/dt with r on the unstable term, from one `torch.func.jvp` of the student (or a directional
-central finite difference), tangent normalisation, adaptive weighting e^{−logvar}, the r warm-up/cool-down.
-Conventions: t ∈ [0, π/2], t = 0 is data, the student F sees x_t/σ_d, f = cos t·x_t − sin t·σ_d·F.
+Tangent g = cos t·df⁻/dt with r on the unstable term, from one `torch.func.jvp` of the student (or a
+directional central finite difference); tangent normalisation, adaptive weighting e^{−logvar}, the r
+warm-up/cool-down. t ∈ [0, π/2], t = 0 is data; F sees x_t/σ_d; f = cos t·x_t − sin t·σ_d·F.
 """
 
 import math
@@ -17,10 +17,10 @@ from trigflow import bcast
 StudentF = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def r_schedule(step: int, H: int, S_r: int, T_r: int, r_final: float, direct: bool = False) -> float:
-    """Alg. 1 (R adjustment): warm up 0 → 1 over H steps, then from S_r fall linearly to r_final over T_r steps.
+def r_schedule(step: int, *, H: int, S_r: int, T_r: int, r_final: float, direct: bool) -> float:
+    """Alg. 1 (R adjustment): warm up 0 → 1 in H steps, from S_r fall linearly to r_final in T_r.
 
-    direct: the paper's Tab. 7 alternative, warm up 0 → r_final over H steps and stay there (no cool-down).
+    direct: the paper's Tab. 7 alternative, warm up 0 → r_final in H steps and stay (no cool-down).
     """
     # r = min(1, Iters/H); p = clamp((Iters − S_r)/T_r, 0, 1); r ← (1 − p)·r + p·r_f
     r = min(1.0, step / H) if H > 0 else 1.0
@@ -30,14 +30,20 @@ def r_schedule(step: int, H: int, S_r: int, T_r: int, r_final: float, direct: bo
     return (1 - p) * r + p * r_final
 
 
-def tangent_dF(F: StudentF, x: torch.Tensor, t: torch.Tensor, dxdt: torch.Tensor, sigma_d: float,
-               fd_eps: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def jvp_cs_dF_dt(
+    F: StudentF,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    dxdt: torch.Tensor,
+    sigma_d: float,
+    fd_eps: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Eqs. (3)–(4): F⁻ and cos t·sin t·dF⁻/dt along the ODE, by one forward-mode JVP (no gradient).
 
-    x = x_t/σ_d. The JVP tangent is (cos t·sin t·dx_t/dt/σ_d, cos t·sin t), so its output is already scaled
-    by cos t·sin t (as in sCM's code), and it runs under the math SDPA backend, which has forward AD.
-    With fd_eps: a central finite difference along the same direction instead (error O(fd_eps²)), for
-    models forward AD cannot go through (fused attention kernels, DDP/FSDP wrappers, checkpointing).
+    x = x_t/σ_d. The JVP tangent is (cos t·sin t·dx_t/dt/σ_d, cos t·sin t), so its output is already
+    scaled by cos t·sin t (as in sCM's code); it runs under the math SDPA backend, which has forward
+    AD. With fd_eps: a central finite difference along the same direction (error O(fd_eps²)), for
+    models forward AD cannot go through (fused attention, DDP/FSDP wrappers, checkpointing).
     """
     cs = torch.cos(t) * torch.sin(t)  # [P]
     v_x, v_t = bcast(cs, x) * dxdt / sigma_d, cs
@@ -46,45 +52,56 @@ def tangent_dF(F: StudentF, x: torch.Tensor, t: torch.Tensor, dxdt: torch.Tensor
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
             with sdpa_kernel(SDPBackend.MATH):
-                F_minus, dF = torch.func.jvp(F, (x, t), (v_x, v_t))
+                F_minus, cs_dF_dt = torch.func.jvp(F, (x, t), (v_x, v_t))
         else:
             F_minus = F(x, t)
-            dF = (F(x + fd_eps * v_x, t + fd_eps * v_t) - F(x - fd_eps * v_x, t - fd_eps * v_t)) / (
-                2 * fd_eps
-            )
-    return F_minus, dF
+            up, down = F(x + fd_eps * v_x, t + fd_eps * v_t), F(x - fd_eps * v_x, t - fd_eps * v_t)
+            cs_dF_dt = (up - down) / (2 * fd_eps)
+    return F_minus, cs_dF_dt
 
 
-def tangent_g(F_minus: torch.Tensor, dF: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
-              dxdt: torch.Tensor, sigma_d: float, r: float) -> torch.Tensor:
+def tangent_g(
+    F_minus: torch.Tensor,
+    cs_dF_dt: torch.Tensor,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    dxdt: torch.Tensor,
+    sigma_d: float,
+    r: float,
+) -> torch.Tensor:
     """Alg. 1 / Eq. (4)·cos t: g = −cos²t·(σ_d F⁻ − dx_t/dt) − r·cos t·sin t·(x_t + σ_d·dF⁻/dt).
 
-    dF is cos t·sin t·dF⁻/dt (from `tangent_dF`). With r = 1 this is exactly cos t·df⁻/dt.
+    cs_dF_dt is cos t·sin t·dF⁻/dt (from `jvp_cs_dF_dt`). With r = 1 this is exactly cos t·df⁻/dt.
     """
-    c, s = bcast(torch.cos(t), x_t), bcast(torch.sin(t), x_t)
-    return -(c**2) * (sigma_d * F_minus - dxdt) - r * (c * s * x_t + sigma_d * dF)
+    cos_t, sin_t = bcast(torch.cos(t), x_t), bcast(torch.sin(t), x_t)
+    return -(cos_t**2) * (sigma_d * F_minus - dxdt) - r * (cos_t * sin_t * x_t + sigma_d * cs_dF_dt)
 
 
 def normalize_tangent(g: torch.Tensor, c: float) -> torch.Tensor:
     """Alg. 1 (tangent normalisation): g ← g/(‖g‖₂ + c), per sample over all non-batch dims."""
-    # DEVIATION (a reported typo of the sCM paper writes ‖g‖² + c): sCM and Sana-Sprint code use ‖g‖ + c.
+    # DEVIATION (a reported typo of the sCM paper: ‖g‖² + c; code of sCM and Sana-Sprint: ‖g‖ + c)
+    # — see tests/test_loss.py::test_tangent_normalisation_bounds_norm
     norm = torch.linalg.vector_norm(g, dim=tuple(range(1, g.dim())))
     return g / bcast(norm + c, g)
 
 
 def prior_weight(t: torch.Tensor, sigma_d: float, t_min: float) -> torch.Tensor:
-    """sCM / Sana-Sprint code: the per-sample weight 1/(σ_d·tan t), with t floored at t_min to stay finite."""
-    # DEVIATION (paper Alg. 1 shows no prior weight; Sana-Sprint's and TBCM's code multiply by 1/(σ_d tan t)).
-    # The floor t_min is ours: tan t → 0 at the data end would give a single pair an unbounded weight.
+    """sCM / Sana-Sprint code: the per-sample weight 1/(σ_d·tan t), t floored at t_min (finite)."""
+    # DEVIATION (paper Alg. 1: no prior weight; code of Sana-Sprint and TBCM: 1/(σ_d tan t)); the
+    # floor t_min is ours: tan t → 0 at the data end would give a single pair an unbounded weight
+    # — see tests/test_loss.py::test_prior_weight_and_logvar_head
     return 1.0 / (sigma_d * torch.tan(t.clamp(min=t_min)))
 
 
 class LogvarHead(nn.Module):
-    """Alg. 1 (adaptive weighting w_φ(t)): logvar = −w_φ(t) from Fourier features of t, zero-initialised."""
+    """Alg. 1 (adaptive weighting w_φ(t)): logvar = −w_φ(t) on Fourier features of t, zero-init."""
 
     def __init__(self, channels: int = 128, scale: float = 2.0):
         super().__init__()
-        # fixed random frequencies as in sCM's adaptive weighting MLP over the (noise-level) embedding
+        # DEVIATION (paper Alg. 1: w_φ(t), no architecture; code of Sana-Sprint and TBCM: a linear
+        # layer on the network's time (+ guidance) embedding); ours reads fixed Fourier features of
+        # t, the same for every backbone — see tests/test_loss.py::test_prior_weight_and_logvar_head
+        # Fixed random frequencies, like sCM's adaptive weighting on its noise-level embedding.
         gen = torch.Generator().manual_seed(0)
         self.register_buffer("freqs", scale * torch.randn(channels // 2, generator=gen))
         self.linear = nn.Linear(channels, 1)
@@ -95,32 +112,100 @@ class LogvarHead(nn.Module):
         return self.linear(torch.cat([phase.cos(), phase.sin()], dim=1) * math.sqrt(2)).squeeze(1)
 
 
-def scm_loss(F_theta: StudentF, x_t: torch.Tensor, t: torch.Tensor, dxdt: torch.Tensor,
-             logvar: torch.Tensor, r: float, sigma_d: float, c: float = 0.1, t_min: float = 1e-3,
-             mask: torch.Tensor | None = None, fd_eps: float | None = None, t_bins: int = 4):
-    """Eq. (2) with Eq. (4), Alg. 1: the sCM/TBCM consistency loss of the student on pairs (x_t, t, dx_t/dt).
+def scm_target(
+    F_theta: StudentF,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    dxdt: torch.Tensor,
+    *,
+    r: float,
+    sigma_d: float,
+    c: float,
+    fd_eps: float | None = None,
+):
+    """Alg. 1 lines 13–14: the target's stop-gradient parts F⁻ and normalised tangent g, by one JVP.
 
-    per pair: (1/(σ_d tan t))·e^{−logvar}·‖F_θ − F⁻ − g‖²/D + logvar, g normalised; gradients reach θ only
-    through F_θ (F⁻ and g are stop-gradient) and φ through logvar. mask [P] (brightness filter) drops pairs; the
-    mean is over the kept pairs. Returns (loss, stats) with stats: loss per t-bin, mean ‖g‖ before
-    normalisation, r, and the kept share.
+    Returns (F⁻, g/(‖g‖ + c), ‖g‖ before normalisation), all without gradient.
     """
-    x = x_t / sigma_d
-    F_minus, dF = tangent_dF(F_theta, x, t, dxdt, sigma_d, fd_eps)
-    g = tangent_g(F_minus, dF, x_t, t, dxdt, sigma_d, r)
+    F_minus, cs_dF_dt = jvp_cs_dF_dt(F_theta, x_t / sigma_d, t, dxdt, sigma_d, fd_eps)
+    g = tangent_g(F_minus, cs_dF_dt, x_t, t, dxdt, sigma_d, r)
     g_norm = torch.linalg.vector_norm(g, dim=tuple(range(1, g.dim())))
-    g = normalize_tangent(g, c)
-    F = F_theta(x, t)
+    return F_minus, normalize_tangent(g, c), g_norm
+
+
+def scm_loss(
+    F_theta: StudentF,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    dxdt: torch.Tensor,
+    logvar: torch.Tensor,
+    *,
+    r: float,
+    sigma_d: float,
+    c: float,
+    t_min: float,
+    mask: torch.Tensor | None = None,
+    fd_eps: float | None = None,
+    t_bins: int = 4,
+):
+    """Eqs. (2) and (4), Alg. 1 lines 13–16: the student's consistency loss on (x_t, t, dx_t/dt).
+
+    Per pair: (1/(σ_d tan t))·e^{−logvar}·‖F_θ − F⁻ − g‖²/D + logvar, g normalised; gradients
+    reach θ only through F_θ (F⁻ and g are stop-gradient) and φ through logvar. mask [P]
+    (brightness filter) drops pairs; the mean is over the kept pairs. Returns (loss, stats) with
+    stats: loss per t-bin, mean ‖g‖ before normalisation, r, and the kept share.
+    """
+    F_minus, g, g_norm = scm_target(F_theta, x_t, t, dxdt, r=r, sigma_d=sigma_d, c=c, fd_eps=fd_eps)
+    return loss_from_target(
+        F_theta,
+        x_t,
+        t,
+        F_minus,
+        g,
+        logvar,
+        sigma_d=sigma_d,
+        t_min=t_min,
+        mask=mask,
+        extra={"g_norm": float(g_norm.mean()), "r": r},
+        t_bins=t_bins,
+    )
+
+
+def loss_from_target(
+    F_theta: StudentF,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    F_minus: torch.Tensor,
+    g: torch.Tensor,
+    logvar: torch.Tensor,
+    *,
+    sigma_d: float,
+    t_min: float,
+    mask: torch.Tensor | None,
+    extra: dict,
+    t_bins: int = 4,
+):
+    """Alg. 1 lines 15–16 given `scm_target`'s F⁻ and g: the weighted, masked loss and its stats."""
+    F = F_theta(x_t / sigma_d, t)
     # mean over D of (F_θ − F⁻ − g)²: the target F⁻ + g carries no gradient
     sq = ((F - F_minus - g) ** 2).flatten(1).mean(1)  # [P]
     per_pair = prior_weight(t, sigma_d, t_min) * torch.exp(-logvar) * sq + logvar
     keep = torch.ones_like(per_pair) if mask is None else mask.to(per_pair.dtype)
+    # DEVIATION (paper Alg. 1 and train_tbcm.py: mask·L, then the mean over all pairs); ours: mean
+    # over the kept pairs, so filtering does not shrink the step, and all filtered gives 0, not NaN
+    # — see tests/test_loss.py::test_mask_drops_pairs_and_handles_all_dropped
     loss = (keep * per_pair).sum() / keep.sum().clamp(min=1)
     with torch.no_grad():
         edges = torch.linspace(0, math.pi / 2, t_bins + 1, device=t.device)
         bins = torch.bucketize(t, edges[1:-1])
-        by_bin = [float(per_pair[bins == k].mean()) if (bins == k).any() else float("nan")
-                  for k in range(t_bins)]
-    stats = {"loss": float(loss.detach()), "loss_by_t_bin": by_bin, "g_norm": float(g_norm.mean()), "r": r,
-             "kept": float(keep.mean())}
+        by_bin = [
+            float(per_pair[bins == k].mean()) if (bins == k).any() else float("nan")
+            for k in range(t_bins)
+        ]
+    stats = {
+        "loss": float(loss.detach()),
+        "loss_by_t_bin": by_bin,
+        **extra,
+        "kept": float(keep.mean()),
+    }
     return loss, stats

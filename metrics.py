@@ -1,12 +1,14 @@
-"""Evaluation without downloads (Tab. 2 analogues): distance to held-out data, prompt alignment.
+"""Evaluation without downloads (Tab. 2 analogues) of the run's samplers, all on the same noise.
 
-toy2d: sliced Wasserstein-1; alignment = share nearest to their class's mixture mean. Images:
-Fréchet distance in the penultimate features of a small classifier (trained once on the train split,
-cached); alignment = share classified as their prompt's class. Inputs are FM units (not σ_d-scaled).
+Distance to held-out data: sliced Wasserstein-1 (toy2d) or the Fréchet distance in a small
+classifier's penultimate features (images; trained once, cached). Alignment: share of samples
+nearest their class's mixture mean (toy2d) or classified as their prompt's class. Inputs: FM units.
 """
 
 import dataclasses
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.linalg
@@ -15,10 +17,19 @@ import torch.nn.functional as nnf
 from torch import nn
 from tqdm import tqdm
 
-from toy import config_hash, load_data, ring_centers, save_module, seeded_or_cached
+from checkpoint import config_hash, save_module, seeded_or_cached
+from config import Config
+from runtime import autocast
+from sampler import consistency_sample, default_times
+from toy import load_data, ring_centers
+from trajectory import reference_route, rollout
+from trigflow import TrigFlow
 
-DISTANCE_NAME = {"toy2d": "sliced_wasserstein", "digits": "frechet_classifier",
-                 "cifar10": "frechet_classifier"}
+DISTANCE_NAME = {
+    "toy2d": "sliced_wasserstein",
+    "digits": "frechet_classifier",
+    "cifar10": "frechet_classifier",
+}
 
 
 def _quantiles(v: torch.Tensor, m: int) -> torch.Tensor:
@@ -30,8 +41,9 @@ def _quantiles(v: torch.Tensor, m: int) -> torch.Tensor:
     return torch.lerp(v[lo], v[hi], (pos - lo)[:, None])  # linear interpolation, [m, P]
 
 
-def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, n_proj: int = 512,
-                       generator: torch.Generator | None = None) -> float:
+def sliced_wasserstein(
+    a: torch.Tensor, b: torch.Tensor, n_proj: int = 512, generator: torch.Generator | None = None
+) -> float:
     """Sliced Wasserstein-1 (Rabin et al. 2011): mean over random unit directions θ of W1(θ·a, θ·b),
     the mean gap between quantile functions (unequal sizes: on a common grid). W1, not W2: W2 grows
     like sqrt(mass imbalance between modes), so its real-vs-real floor is large, slow to shrink."""
@@ -87,12 +99,13 @@ class Classifier(nn.Module):
         layers, c = [], cfg.in_channels
         for i in range(cfg.stages):
             w = cfg.width * 2**i
-            layers += [nn.Conv2d(c, w, 3, padding=1), nn.SiLU(), nn.Conv2d(w, w, 3, padding=1),
-                       nn.SiLU(), nn.AvgPool2d(2)]
+            layers += [nn.Conv2d(c, w, 3, padding=1), nn.SiLU(), nn.Conv2d(w, w, 3, padding=1)]
+            layers += [nn.SiLU(), nn.AvgPool2d(2)]
             c = w
         side = cfg.image_size // 2**cfg.stages
-        self.body = nn.Sequential(*layers, nn.Flatten(), nn.Linear(c * side**2, cfg.feat_dim),
-                                  nn.SiLU())
+        self.body = nn.Sequential(
+            *layers, nn.Flatten(), nn.Linear(c * side**2, cfg.feat_dim), nn.SiLU()
+        )
         self.head = nn.Linear(cfg.feat_dim, cfg.num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,9 +116,14 @@ class Classifier(nn.Module):
 
 
 @torch.enable_grad()  # training works even when called under torch.no_grad()
-def train_classifier(backbone: str, data_dir: str | None = None, device: str = "cpu",
-                     cache_root: str = "runs/classifiers", cfg: ClassifierConfig | None = None,
-                     progress: bool = False) -> Classifier:
+def train_classifier(
+    backbone: str,
+    data_dir: str | None = None,
+    device: str = "cpu",
+    cache_root: str = "runs/classifiers",
+    cfg: ClassifierConfig | None = None,
+    progress: bool = False,
+) -> Classifier:
     """Metric classifier trained on the train split; cached in cache_root/<backbone>-<hash>/."""
     cfg = cfg or CLASSIFIERS[backbone]
     folder = Path(cache_root) / f"{backbone}-{config_hash(cfg)}"
@@ -133,8 +151,14 @@ def train_classifier(backbone: str, data_dir: str | None = None, device: str = "
 class Evaluator:
     """Distance to the held-out set and alignment for one backbone; loads data/classifier once."""
 
-    def __init__(self, backbone: str, data_dir: str | None = None, device: str = "cpu",
-                 cache_root: str = "runs/classifiers", seed: int = 0):
+    def __init__(
+        self,
+        backbone: str,
+        data_dir: str | None = None,
+        device: str = "cpu",
+        cache_root: str = "runs/classifiers",
+        seed: int = 0,
+    ):
         self.backbone, self.device, self.seed = backbone, device, seed
         self.name = DISTANCE_NAME[backbone]
         self.x_train, _, _ = load_data(backbone, "train", data_dir)
@@ -175,8 +199,51 @@ class Evaluator:
         return {"distance": self._distance(self.x_train[perm[:n]])}
 
 
-def evaluate(backbone: str, x: torch.Tensor, y: torch.Tensor, data_dir: str | None = None,
-             device: str = "cpu", cache_root: str = "runs/classifiers") -> dict[str, float]:
-    """One-off `Evaluator(backbone, …)(x, y)` plus the floor at the same sample count ("floor")."""
-    ev = Evaluator(backbone, data_dir, device, cache_root)
-    return {**ev(x, y), "floor": ev.floor(len(x))["distance"]}
+# ------------------------------------------------------------------------------- the run's samplers
+@torch.no_grad()
+def evaluate_samplers(
+    cfg: Config, teacher: Any, ema: nn.Module
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """metrics.json's eval block: the real-vs-real floor, teacher@N (Eq. 9 with CFG on the reference
+    route) and the student's 1/2/4-step consistency sampling (App. E), all from the same noise and
+    prompts. `teacher` is a backbones.Teacher; returns (results, the first samples of each sampler
+    as images for samples.png)."""
+    n, dev = cfg.n_eval, cfg.device
+    prompt = (torch.arange(n) % len(teacher.prompt_names)).to(dev)
+    gen_z = torch.Generator().manual_seed(cfg.seed + 1)
+    z = cfg.sigma_d * torch.randn((n, *teacher.data_shape), generator=gen_z)
+    z, w = z.to(dev), torch.full((n,), cfg.eval_w, device=dev)
+    F_teacher = TrigFlow(teacher.velocity, uncond=teacher.uncond)
+    F_ema = TrigFlow(ema, guidance_scale=cfg.guidance_scale)
+    # DEVIATION (paper Tab. 2: the teacher at 20 steps of its own solver); here teacher@N is Eq. 9's
+    # Euler/DDIM step on the deterministic reference route, with CFG: 2N evaluations
+    # — see tests/test_train.py::test_run_directory_contract
+    route = reference_route(cfg.eval_teacher_steps, cfg.shift)
+    samplers = {"teacher@N": (2 * cfg.eval_teacher_steps, None)} | {
+        f"student@{k}": (k, default_times(k, cfg.t_mid)) for k in (1, 2, 4)
+    }
+    res, shown, ref = {"distance_name": teacher.distance_name, "data": teacher.floor(n)}, {}, None
+    for name, (nfe, times) in samplers.items():
+
+        def sample(zi, ci, wi, gen, times=times):
+            with autocast(cfg.device, cfg.precision):
+                if times is None:
+                    return rollout(F_teacher, zi, route, ci, wi, cfg.sigma_d).x0
+                return consistency_sample(
+                    lambda x, t: F_ema(x, t, ci, wi), zi, times, cfg.sigma_d, gen
+                )
+
+        # warm-up, untimed
+        sample(z[:2], teacher.cond(prompt[:2]), w[:2], torch.Generator(device=dev))
+        gen, xs, t0 = torch.Generator(device=dev).manual_seed(cfg.seed + 2), [], time.perf_counter()
+        for i in range(0, n, cfg.eval_batch):
+            chunk = slice(i, i + cfg.eval_batch)
+            cond = teacher.cond(prompt[chunk])
+            xs.append(sample(z[chunk], cond, w[chunk], gen).float() / cfg.sigma_d)
+        elapsed, samples = time.perf_counter() - t0, torch.cat(xs)  # FM units (data space)
+        ref = samples if times is None else ref  # teacher@N comes first: the paired reference
+        n_shown = 2000 if samples.dim() == 2 else min(n, 2 * len(teacher.prompt_names))
+        shown[name] = teacher.to_images(samples[:n_shown]).cpu()
+        stats = teacher.evaluate(samples, prompt, ref)
+        res[name] = {**stats, "nfe": nfe, "samples_per_s": n / elapsed}
+    return res, shown

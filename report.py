@@ -1,6 +1,6 @@
-"""The run's figures and summary: samples.png (teacher N-step beside student 1/2/4-step on the same noise and
-prompts) and training.png (loss, ‖g‖, r, kept share by step), from metrics and log.jsonl. Matplotlib lives here
-and in analysis/, never in the concept files.
+"""The run's figures and summary: samples.png (teacher N-step beside student 1/2/4-step on the same
+noise and prompts) and training.png (loss, ‖g‖, r, kept share by step), from metrics and log.jsonl.
+Matplotlib lives here and in analysis/, never in the concept files.
 """
 
 import json
@@ -19,19 +19,22 @@ def to_image(x: torch.Tensor):
     return img[..., 0] if img.shape[-1] == 1 else img
 
 
-def samples_png(path: Path, shown: dict[str, torch.Tensor], bb) -> None:
-    """One row per sampler (images) or one scatter panel per sampler (2-D), same noise and prompts."""
+def samples_png(path: Path, shown: dict[str, torch.Tensor], prompt_names: list[str]) -> None:
+    """One row per sampler (images) or one scatter panel per sampler (2-D); same noise, prompts."""
     names = list(shown)
     if next(iter(shown.values())).dim() == 2:
         fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.2), squeeze=False)
-        for ax, name in zip(axes[0], names):
+        for ax, name in zip(axes[0], names, strict=True):
             x = shown[name]
-            c = torch.arange(len(x)) % bb.n_prompts
-            ax.scatter(x[:, 0].numpy(), x[:, 1].numpy(), c=c.numpy(), cmap="tab10", s=2)
-            ax.set_title(name), ax.set_aspect("equal"), ax.set_xlim(-2.2, 2.2), ax.set_ylim(-2.2, 2.2)
+            color = torch.arange(len(x)) % len(prompt_names)
+            ax.scatter(x[:, 0].numpy(), x[:, 1].numpy(), c=color.numpy(), cmap="tab10", s=2)
+            ax.set_title(name), ax.set_aspect("equal")
+            ax.set_xlim(-2.2, 2.2), ax.set_ylim(-2.2, 2.2)
     else:
         m = len(shown[names[0]])
-        fig, axes = plt.subplots(len(names), m, figsize=(0.6 * m + 1.2, 0.7 * len(names)), squeeze=False)
+        fig, axes = plt.subplots(
+            len(names), m, figsize=(0.6 * m + 1.2, 0.7 * len(names)), squeeze=False
+        )
         for i, name in enumerate(names):
             for j in range(m):
                 ax = axes[i, j]
@@ -39,14 +42,14 @@ def samples_png(path: Path, shown: dict[str, torch.Tensor], bb) -> None:
                 ax.set_xticks([]), ax.set_yticks([])
             axes[i, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
         for j in range(m):
-            axes[0, j].set_title(bb.prompt_names[j % bb.n_prompts][:12], fontsize=7)
+            axes[0, j].set_title(prompt_names[j % len(prompt_names)][:12], fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def training_png(path: Path, log_path: Path) -> None:
-    """Loss (and by t-bin), ‖g‖ before normalisation, r, and the share kept by the filter, against step."""
+    """Loss (and by t-bin), ‖g‖ before normalisation, r, and the share the filter kept, by step."""
     recs = [json.loads(ln) for ln in log_path.read_text().splitlines()]
     step = [r["step"] for r in recs]
     fig, ax = plt.subplots(1, 4, figsize=(15, 3.2))
@@ -57,7 +60,8 @@ def training_png(path: Path, log_path: Path) -> None:
     ax[1].plot(step, [r["g_norm"] for r in recs]), ax[1].set_title("‖g‖ before normalisation")
     ax[1].set_yscale("log")
     ax[2].plot(step, [r["r"] for r in recs]), ax[2].set_title("r")
-    ax[3].plot(step, [r["kept"] for r in recs]), ax[3].set_title("share kept by the brightness filter")
+    ax[3].plot(step, [r["kept"] for r in recs])
+    ax[3].set_title("share kept by the brightness filter")
     for a in ax:
         a.set_xlabel("step")
     fig.tight_layout()
@@ -68,11 +72,15 @@ def training_png(path: Path, log_path: Path) -> None:
 def summary(metrics: dict, run: Path) -> None:
     """Print the evaluation as a small table."""
     ev = metrics["eval"]
-    print(f"\n{metrics['backbone']} · {metrics['method']} · {metrics['train']['steps']} steps in "
-          f"{metrics['train']['wall_s']:.0f} s · {ev['distance_name']} (lower is better)")
+    print(
+        f"\n{metrics['backbone']} · {metrics['method']} · {metrics['train']['steps']} steps in "
+        f"{metrics['train']['wall_s']:.0f} s · {ev['distance_name']} (lower is better)"
+    )
     print(f"  {'data (floor)':14s} distance {ev['data']['distance']:.4f}")
     for name, v in ev.items():
         if isinstance(v, dict) and "nfe" in v:
-            print(f"  {name:14s} distance {v['distance']:.4f}  alignment {v['alignment']:.3f}  "
-                  f"nfe {v['nfe']:3d}  {v['samples_per_s']:.0f} samples/s")
+            print(
+                f"  {name:14s} distance {v['distance']:.4f}  alignment {v['alignment']:.3f}  "
+                f"nfe {v['nfe']:3d}  {v['samples_per_s']:.0f} samples/s"
+            )
     print(f"  run directory: {run}")

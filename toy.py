@@ -1,30 +1,23 @@
-"""Toy backbones (paper Sec. 5 at small scale): data, class-conditional velocity nets, FM teachers.
+"""Toy backbones (paper Sec. 5 at small scale): data and small class-conditional velocity nets.
 
 Data are in flow-matching units (TrigFlow data is σ_d·x0, σ_d = 0.5, see trigflow.py). Every net is
-v(x_FM, s, cond, guidance) with s ∈ [0, 1] continuous; label C is the null class for CFG. Teachers
-are trained like Sana (x_s = (1 − s)·x0 + s·ε, v = ε − x0); EMA weights cached (safetensors + JSON).
+v(x_FM, s, cond, guidance) with s ∈ [0, 1] continuous; label C is the null class for CFG. The
+flow-matching teachers built from these nets are trained in toy_teacher.py.
 """
 
-import copy
-from collections.abc import Callable
-import dataclasses
-import hashlib
-import json
 import math
-import os
 import pickle
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as nnf
-from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm import tqdm
 
 BACKBONES = ("toy2d", "digits", "cifar10")
-CIFAR_HELP = ("download cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html, "
-              "extract it and pass --data-dir path/to/cifar-10-batches-py")
+CIFAR_HELP = (
+    "download cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html, "
+    "extract it and pass --data-dir path/to/cifar-10-batches-py"
+)
 RING_RADIUS, RING_STD = 1.4, 0.1  # toy2d: per-dim variance r²/2 + std² ≈ 0.99, i.e. unit scale
 
 
@@ -51,8 +44,9 @@ def _digits(split: str) -> tuple[torch.Tensor, torch.Tensor]:
 
     d = load_digits()
     # a fixed stratified 1500/297 split (seed 0); pixels 0..16 → x/8 − 1 ∈ [−1, 1], background −1
-    i_train, i_test = train_test_split(range(len(d.target)), test_size=297, stratify=d.target,
-                                       random_state=0)
+    i_train, i_test = train_test_split(
+        range(len(d.target)), test_size=297, stratify=d.target, random_state=0
+    )
     i = i_train if split == "train" else i_test
     x = torch.tensor(d.images[i], dtype=torch.float32)[:, None] / 8 - 1  # [N, 1, 8, 8]
     return x, torch.tensor(d.target[i], dtype=torch.long)
@@ -69,13 +63,16 @@ def _cifar_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
         if data.dtype != torch.uint8 or len(y) != len(data) or not ((0 <= y) & (y <= 9)).all():
             raise ValueError("wrong dtype, length or label range")
     except Exception as e:  # any unreadable or wrongly shaped file gets the same readable message
-        raise ToyDataError(f"CIFAR-10 file {path} is not a python-version CIFAR-10 batch (a dict "
-                           f"with b'data' uint8 [n, 3072] and b'labels'); {CIFAR_HELP}") from e
+        raise ToyDataError(
+            f"CIFAR-10 file {path} is not a python-version CIFAR-10 batch (a dict "
+            f"with b'data' uint8 [n, 3072] and b'labels'); {CIFAR_HELP}"
+        ) from e
     return data.float() / 127.5 - 1, y
 
 
-def load_data(backbone: str, split: str,
-              data_dir: str | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+def load_data(
+    backbone: str, split: str, data_dir: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Toy data (x, y, num_classes); split "train" or "test" (held out). toy2d: 20k / 5k points
     (seeds 0 / 1); digits: scikit-learn's 8×8 digits, 1500 / 297; cifar10: data_batch_1..5 /
     test_batch from data_dir."""
@@ -108,8 +105,9 @@ class Fourier(nn.Module):
 
 
 def _embed_mlp(dim: int, n_fourier: int = 64) -> nn.Sequential:
-    return nn.Sequential(Fourier(n_fourier), nn.Linear(n_fourier, dim), nn.SiLU(),
-                         nn.Linear(dim, dim))
+    return nn.Sequential(
+        Fourier(n_fourier), nn.Linear(n_fourier, dim), nn.SiLU(), nn.Linear(dim, dim)
+    )
 
 
 class CondEmbed(nn.Module):
@@ -141,8 +139,9 @@ class MLPBlock(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(width, elementwise_affine=False)
         self.mod = nn.Linear(width, 2 * width)
-        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.SiLU(),
-                                 nn.Linear(2 * width, width))
+        self.mlp = nn.Sequential(
+            nn.Linear(width, 2 * width), nn.SiLU(), nn.Linear(2 * width, width)
+        )
 
     def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         a, b = self.mod(c).chunk(2, 1)
@@ -160,8 +159,13 @@ class MLP(nn.Module):
         self.blocks = nn.ModuleList(MLPBlock(width) for _ in range(depth))
         self.out = nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, dim))
 
-    def forward(self, x: torch.Tensor, s: torch.Tensor, cond: torch.Tensor,
-                guidance: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        s: torch.Tensor,
+        cond: torch.Tensor,
+        guidance: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         c = self.embed(s, cond, guidance)  # [B, width]
         h = self.inp(x.flatten(1))
         for block in self.blocks:
@@ -188,24 +192,37 @@ class ConvBlock(nn.Module):
 class UNet(nn.Module):
     """Small velocity U-Net (cifar10): a ConvBlock per level, 2× pool / upsampling."""
 
-    def __init__(self, data_shape: tuple[int, ...], num_classes: int, width: int,
-                 channel_mult: tuple[int, ...]):
+    def __init__(
+        self,
+        data_shape: tuple[int, ...],
+        num_classes: int,
+        width: int,
+        channel_mult: tuple[int, ...],
+    ):
         super().__init__()
         chans = [width * m for m in channel_mult]
         self.embed = CondEmbed(num_classes, 4 * width)
         self.inp = nn.Conv2d(data_shape[0], width, 3, padding=1)
-        self.down = nn.ModuleList(ConvBlock(a, b, 4 * width)
-                                  for a, b in zip([width] + chans[:-1], chans, strict=True))
+        self.down = nn.ModuleList(
+            ConvBlock(a, b, 4 * width) for a, b in zip([width] + chans[:-1], chans, strict=True)
+        )
         self.mid = ConvBlock(chans[-1], chans[-1], 4 * width)
         # up level i: [previous output, skip i] → skip i's channels
         prev = chans[-1:] + chans[:0:-1]
-        self.up = nn.ModuleList(ConvBlock(a + b, b, 4 * width)
-                                for a, b in zip(prev, chans[::-1], strict=True))
-        self.out = nn.Sequential(nn.GroupNorm(8, width), nn.SiLU(),
-                                 nn.Conv2d(width, data_shape[0], 3, padding=1))
+        self.up = nn.ModuleList(
+            ConvBlock(a + b, b, 4 * width) for a, b in zip(prev, chans[::-1], strict=True)
+        )
+        self.out = nn.Sequential(
+            nn.GroupNorm(8, width), nn.SiLU(), nn.Conv2d(width, data_shape[0], 3, padding=1)
+        )
 
-    def forward(self, x: torch.Tensor, s: torch.Tensor, cond: torch.Tensor,
-                guidance: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        s: torch.Tensor,
+        cond: torch.Tensor,
+        guidance: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         c = self.embed(s, cond, guidance)
         h, skips = self.inp(x), []
         for i, block in enumerate(self.down):
@@ -216,137 +233,3 @@ class UNet(nn.Module):
             h = nnf.interpolate(h, scale_factor=2, mode="nearest") if i > 0 else h
             h = block(torch.cat([h, skips.pop()], 1), c)
         return self.out(h)
-
-
-# -------------------------------------------------------------------------------------- teachers
-@dataclasses.dataclass(frozen=True)
-class TeacherConfig:
-    """A flow-matching teacher: architecture and training (its JSON hash is the cache key)."""
-
-    backbone: str
-    data_shape: tuple[int, ...]  # one sample, FM units
-    num_classes: int  # labels 0..C−1; C is the null class
-    arch: str  # "mlp" or "unet"
-    width: int  # MLP hidden width / U-Net base channels
-    depth: int = 3  # MLP blocks (unused by the U-Net)
-    channel_mult: tuple[int, ...] = (1, 2)  # U-Net levels (unused by the MLP)
-    steps: int = 4000
-    batch_size: int = 256
-    lr: float = 1e-3  # AdamW, constant; the usual rate for small diffusion nets
-    weight_decay: float = 0.0  # Sana trains with AdamW; decay is not needed at this scale
-    ema_decay: float = 0.999  # the teacher is the EMA of the weights (standard for diffusion)
-    label_dropout: float = 0.1  # CFG training: 10% of labels → null class (Sana: empty prompt)
-    time_sampling: str = "logit_normal"  # SD3 / Sana: s = σ(N(0, 1)); or "uniform"
-    seed: int = 0
-
-
-# Measured on 2 idle CPU cores: toy2d 12 s, digits 135 s. digits uses the MLP: a U-Net (width 32)
-# reached a slightly lower FD in the same time but costs ~6× more per JVP during distillation.
-TEACHERS = {
-    "toy2d": TeacherConfig("toy2d", (2,), 8, "mlp", width=128, depth=3, steps=1500),
-    "digits": TeacherConfig("digits", (1, 8, 8), 10, "mlp", width=256, depth=4, steps=6000),
-    "cifar10": TeacherConfig("cifar10", (3, 32, 32), 10, "unet", width=32, channel_mult=(1, 2, 2),
-                             steps=1000, batch_size=32, lr=2e-4),  # runs; not trained to quality
-}
-
-
-def make_net(cfg: TeacherConfig) -> nn.Module:
-    """A freshly initialised velocity net v(x_FM, s, cond, guidance) for a teacher config."""
-    if cfg.arch == "mlp":
-        return MLP(cfg.data_shape, cfg.num_classes, cfg.width, cfg.depth)
-    if cfg.arch == "unet":
-        return UNet(cfg.data_shape, cfg.num_classes, cfg.width, cfg.channel_mult)
-    raise ValueError(f"unknown arch {cfg.arch!r}; choose 'mlp' or 'unet'")
-
-
-def config_hash(cfg: object) -> str:
-    """Cache key of a config dataclass: 10 hex digits of sha256 over its sorted JSON."""
-    text = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:10]
-
-
-def save_module(net: nn.Module, cfg: object, folder: Path) -> None:
-    """Atomic save: model.safetensors, then config.json (whose presence marks a complete entry)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()},
-              folder / "model.safetensors.tmp")
-    os.replace(folder / "model.safetensors.tmp", folder / "model.safetensors")
-    (folder / "config.json.tmp").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-    os.replace(folder / "config.json.tmp", folder / "config.json")
-
-
-def seeded_or_cached(make: Callable[[Any], nn.Module], cfg: Any, folder: Path,
-                     device: str) -> tuple[nn.Module, bool]:
-    """A net built from cfg with seeded initialisation (global RNG untouched), loaded from folder if cached there
-    by `save_module`; returns (net, cached). Cached nets come back in eval mode with gradients off."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        net = make(cfg).to(device)
-    if (folder / "config.json").is_file():
-        net.load_state_dict(load_file(folder / "model.safetensors", device=str(device)))
-        return net.eval().requires_grad_(False), True
-    return net, False
-
-
-def sample_s(n: int, how: str, g: torch.Generator) -> torch.Tensor:
-    """Flow-matching training times s ∈ (0, 1): uniform, or logit-normal σ(N(0, 1)) (SD3, Sana)."""
-    if how == "uniform":
-        return torch.rand(n, generator=g)
-    if how == "logit_normal":
-        return torch.sigmoid(torch.randn(n, generator=g))
-    raise ValueError(f"unknown time_sampling {how!r}")
-
-
-def fm_loss(net: nn.Module, x0: torch.Tensor, y: torch.Tensor, cfg: TeacherConfig,
-            g: torch.Generator) -> torch.Tensor:
-    """Flow matching (Sana): mean ‖v(x_s, s, cond) − (ε − x0)‖², with some labels → null class."""
-    eps = torch.randn(x0.shape, generator=g).to(x0)
-    s = sample_s(len(x0), cfg.time_sampling, g).to(x0)
-    drop = torch.rand(len(y), generator=g).to(y.device) < cfg.label_dropout
-    cond = torch.where(drop, torch.full_like(y, cfg.num_classes), y)
-    s_ = s.reshape(-1, *[1] * (x0.dim() - 1))
-    # x_s = (1 − s)·x0 + s·ε, target v = ε − x0
-    return nnf.mse_loss(net((1 - s_) * x0 + s_ * eps, s, cond), eps - x0)
-
-
-@torch.enable_grad()  # trains even when called under torch.no_grad()
-def train_teacher(backbone: str, data_dir: str | None = None, device: str = "cpu",
-                  cache_root: str = "runs/teachers", steps: int | None = None, seed: int = 0,
-                  progress: bool = True, cfg: TeacherConfig | None = None) -> nn.Module:
-    """Flow-matching pre-training as in Sana; returns the EMA net, cached under
-    cache_root/<backbone>-<hash>/ and loaded from there on later calls. Default cfg: TEACHERS."""
-    cfg = cfg or TEACHERS[backbone]
-    cfg = dataclasses.replace(cfg, seed=seed, steps=steps or cfg.steps)
-    folder = Path(cache_root) / f"{backbone}-{config_hash(cfg)}"
-    net, cached = seeded_or_cached(make_net, cfg, folder, device)
-    if cached:
-        return net
-
-    x, y, _ = load_data(backbone, "train", data_dir)
-    x, y = x.to(device), y.to(device)
-    g = torch.Generator().manual_seed(cfg.seed)
-    ema = copy.deepcopy(net).requires_grad_(False)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    bar = tqdm(range(cfg.steps), desc=f"teacher {backbone}", disable=not progress)
-    for k in bar:
-        i = torch.randint(len(x), (cfg.batch_size,), generator=g).to(device)
-        loss = fm_loss(net, x[i], y[i], cfg, g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        # EMA with warm-up: β_k = min(ema_decay, (1 + k)/(10 + k))
-        beta = min(cfg.ema_decay, (1 + k) / (10 + k))
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), net.parameters(), strict=True):
-                p_ema.lerp_(p, 1 - beta)
-        if k % 100 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-    save_module(ema, cfg, folder)
-    return ema.eval()
-
-
-def student_from_teacher(teacher: nn.Module) -> nn.Module:
-    """Sana-Sprint init: a trainable copy of the teacher whose guidance embedding outputs zero."""
-    student = copy.deepcopy(teacher)
-    zero_guidance(student)
-    return student.train().requires_grad_(True)

@@ -1,7 +1,8 @@
 """TrigFlow conventions and the flow-matching → TrigFlow wrapper (Tab. 1, Eqs. 5–8).
 
-t ∈ [0, π/2], t = 0 is data: x_t = cos t·x0 + sin t·z, z ~ N(0, σ_d² I), σ_d = 0.5. A network sees x_t/σ_d and
-returns F with σ_d·F = dx_t/dt. Flow-matching time s = sin t/(sin t + cos t) ∈ [0, 1] is kept continuous.
+t ∈ [0, π/2], t = 0 is data: x_t = cos t·x0 + sin t·z, z ~ N(0, σ_d² I), σ_d = 0.5. A network sees
+x_t/σ_d and returns F with σ_d·F = dx_t/dt. The flow-matching time s = sin t/(sin t + cos t) stays
+continuous in [0, 1].
 """
 
 import math
@@ -13,8 +14,8 @@ import torch
 SIGMA_D = 0.5  # sCM / Sana-Sprint σ_d; the std of data latents in TrigFlow units
 HALF_PI = math.pi / 2
 
-# A flow-matching velocity model: v(x_FM, s, cond, guidance) → v, where `guidance` is None for a teacher and
-# the student's 0.1·w guidance-embedding input otherwise.
+# A flow-matching velocity model: v(x_FM, s, cond, guidance) → v, where `guidance` is None for a
+# teacher and the student's 0.1·w guidance-embedding input otherwise.
 VelocityModel = Callable[..., torch.Tensor]
 
 
@@ -82,20 +83,25 @@ def _expand(u: Any, n: int) -> Any:
 class TrigFlow:
     """Eqs. (5)–(7): a flow-matching velocity model seen as a TrigFlow model F(x_t/σ_d, t, cond, w).
 
-    Teacher (`uncond` given): classifier-free guidance v = v_u + w·(v_c − v_u) on one doubled batch. Since Eq. 7
-    is affine in v with weights summing to one over (v_u, v_c), this is the same as guidance on F.
-    Student (`guidance_scale` given): one pass, the model receives guidance_scale·w (Sana-Sprint: 0.1·w).
-    Otherwise: a plain conditional pass, w ignored.
+    Teacher (`uncond` given): classifier-free guidance v = v_u + w·(v_c − v_u) on one doubled batch.
+    Since Eq. 7 is affine in v with weights summing to one over (v_u, v_c), this is the same as
+    guidance on F. Student (`guidance_scale` given): one pass, the model receives guidance_scale·w
+    (Sana-Sprint: 0.1·w). Otherwise: a plain conditional pass, w ignored.
     """
 
     def __init__(self, v: VelocityModel, uncond: Any = None, guidance_scale: float | None = None):
         if uncond is not None and guidance_scale is not None:
-            raise ValueError("a TrigFlow model is either a CFG teacher (uncond) or a guided student")
+            raise ValueError(
+                "a TrigFlow model is either a CFG teacher (uncond) or a guided student"
+            )
         self.v, self.uncond, self.guidance_scale = v, uncond, guidance_scale
 
-    def velocities(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """The CFG teacher's unconditional and conditional flow-matching velocities (v_u, v_c) at x = x_t/σ_d,
-        on one doubled batch (what an offline bank stores, so the CFG scale can be chosen later)."""
+    def velocities(
+        self, x: torch.Tensor, t: torch.Tensor, cond: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The CFG teacher's unconditional and conditional flow-matching velocities (v_u, v_c) at
+        x = x_t/σ_d, on one doubled batch (what an offline bank stores, so that the CFG scale can be
+        chosen later)."""
         s = fm_time(t)
         x_fm, n = fm_input(x, s), x.shape[0]
         v_u, v_c = self.v(
@@ -116,8 +122,9 @@ class TrigFlow:
 
 
 def guided(x: torch.Tensor, t: torch.Tensor, v_u: torch.Tensor, v_c: torch.Tensor, w: torch.Tensor):
-    """Eq. (7) after CFG in velocity space, v = v_u + w·(v_c − v_u): the teacher's F at x = x_t/σ_d from its two
-    velocities (bit for bit what TrigFlow.__call__ returns, so pairs rebuilt from a bank match online ones)."""
+    """Eq. (7) after CFG in velocity space, v = v_u + w·(v_c − v_u): the teacher's F at x = x_t/σ_d
+    from its two velocities (bit for bit what TrigFlow.__call__ returns, so pairs rebuilt from a
+    bank match online ones)."""
     s = fm_time(t)
     v = v_u + bcast(w.to(v_u.dtype), v_u) * (v_c - v_u)
     return trig_output(fm_input(x, s), v, s)

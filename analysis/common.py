@@ -1,89 +1,98 @@
-"""Shared plumbing of the analysis scripts (Figs. 3, 7, 8, 9): flags, the CFG teacher, real data, output.
+"""Plumbing shared by the analysis scripts (Figs. 3, 7–9): flags, teacher, real data, Eq. 8, output.
 
-Toy backbones: the cached flow-matching teacher of toy.train_teacher, the held-out split as real data. Sana
-(--pretrained DIR or --tiny): the SanaPipeline transformer; it has no images, so teacher samples stand in for
-data. Tensors are in TrigFlow units (x0 = σ_d × FM data, z ~ N(0, σ_d² I)); t ∈ [0, π/2], t = 0 is data.
+The teacher comes from backbones.build (the one teacher interface) with train.py's presets; toy
+backbones use their held-out split as real data, Sana (no images) the teacher's own samples. Tensors
+are in TrigFlow units (x0 = σ_d × FM data, z ~ N(0, σ_d² I)); t ∈ [0, π/2], t = 0 is data.
 """
 
 import argparse
 import json
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-import torch
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
 
-import toy
-from trajectory import reference_route, rollout
-from trigflow import SIGMA_D, TrigFlow
+import backbones  # noqa: E402
+import toy  # noqa: E402
+from config import Config, Parser, UsageError, parse_args, validate  # noqa: E402
+from trajectory import TrigFlowModel, reference_route, rollout  # noqa: E402
+from trigflow import SIGMA_D, TrigFlow, diffuse, equivalent_noise, x0_from_F  # noqa: E402
 
 BACKBONES = ("digits", "toy2d", "sana")
-# CFG scale w and reference-route shift: what train.py evaluates with (PRESETS, Config.eval_w).
-DEFAULTS = {"digits": {"w": 2.0, "shift": 2.5}, "toy2d": {"w": 1.0, "shift": 1.0},
-            "sana": {"w": 4.5, "shift": 2.5}}
 
 
-class UsageError(Exception):
-    """Bad input: printed as one line `error: …`, exit status 2."""
-
-
-def parser(description: str) -> argparse.ArgumentParser:
+def parser(description: str) -> Parser:
     """The flags every analysis script shares; scripts add their own."""
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--backbone", choices=BACKBONES, default="digits")
+    p = Parser(description=description)
+    p.add_argument(
+        "--backbone", choices=BACKBONES, default="digits", help="the teacher (default: digits)"
+    )
     p.add_argument("--pretrained", default="", help="sana: a local diffusers SanaPipeline folder")
     p.add_argument("--tiny", action="store_true", help="sana: a tiny random pipeline instead")
     p.add_argument("--prompts-file", default="", help="sana: UTF-8 text, one prompt per line")
-    p.add_argument("--resolution", type=int, default=64, help="sana: image side in pixels")
-    p.add_argument("--out", default="runs/analysis")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--cache-dir", default="runs", help="toy teachers are cached in <cache-dir>/teachers")
-    p.add_argument("--teacher-steps", type=int, default=0, help="toy teacher FM steps (0: toy.TEACHERS)")
-    p.add_argument("--w", type=float, default=None, help="teacher CFG scale (digits 2, toy2d 1, sana 4.5)")
-    p.add_argument("--shift", type=float, default=None, help="reference-route shift (toy2d 1, else 2.5)")
+    p.add_argument(
+        "--resolution", type=int, default=64, help="sana: image side in pixels (default: 64)"
+    )
+    p.add_argument("--out", default="runs/analysis", help="output folder (default: runs/analysis)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the noise and data draws (default: 0)"
+    )
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument(
+        "--cache-dir",
+        default="runs",
+        help="toy teachers are cached in <cache-dir>/teachers (default: runs)",
+    )
+    p.add_argument(
+        "--teacher-steps",
+        type=int,
+        default=0,
+        help="toy teacher FM steps (default 0: toy_teacher.TEACHERS)",
+    )
+    p.add_argument(
+        "--w",
+        type=float,
+        default=None,
+        help="teacher CFG scale (default: train.py's --eval-w: digits 2, toy2d 1, sana 4.5)",
+    )
+    p.add_argument(
+        "--shift",
+        type=float,
+        default=None,
+        help="reference-route shift (default: train.py's --shift: toy2d 1, else 2.5)",
+    )
     return p
 
 
+def config_of(a: argparse.Namespace) -> Config:
+    """The run configuration these flags describe (train.py's presets fill the rest); checked."""
+    argv = ["--backbone", a.backbone, "--resolution", str(a.resolution), "--seed", str(a.seed)]
+    argv += ["--device", a.device, "--cache-dir", a.cache_dir]
+    argv += ["--teacher-steps", str(a.teacher_steps), "--threads", "0"]
+    argv += ["--pretrained", a.pretrained] * bool(a.pretrained) + ["--tiny"] * a.tiny
+    argv += ["--prompts-file", a.prompts_file] * bool(a.prompts_file)
+    cfg = parse_args(argv)
+    validate(cfg, run_dir=False)
+    return cfg
+
+
 def parse(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """Parse and validate; any bad input raises UsageError (nothing is loaded or written yet)."""
-    def error(msg: str):
-        raise UsageError(msg)
-
-    p.error = error
+    """Parse and check; bad input raises UsageError (nothing is loaded or written yet)."""
     a = p.parse_args(argv)
-    if a.backbone == "sana":
-        if bool(a.pretrained) == a.tiny:
-            raise UsageError("--backbone sana needs exactly one of --pretrained DIR (a local SanaPipeline "
-                             "folder) or --tiny (a tiny random pipeline)")
-        if a.pretrained:
-            import sana
-
-            try:
-                sana.check_folder(a.pretrained)
-            except sana.SanaFolderError as e:
-                raise UsageError(f"--pretrained {e}") from e
-        if a.resolution <= 0 or a.resolution % 32:
-            raise UsageError(f"--resolution {a.resolution}: must be a positive multiple of 32")
-    elif a.pretrained or a.tiny or a.prompts_file:
-        raise UsageError("--pretrained, --tiny and --prompts-file are for --backbone sana")
-    if a.teacher_steps < 0:
-        raise UsageError("--teacher-steps must be >= 0 (0: the default of toy.TEACHERS)")
-    if a.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {a.device} but CUDA is not available; use --device cpu")
-    for k, v in DEFAULTS[a.backbone].items():
-        setattr(a, k, v if getattr(a, k) is None else getattr(a, k))
+    cfg = config_of(a)
+    a.w = cfg.eval_w if a.w is None else a.w
+    a.shift = cfg.shift if a.shift is None else a.shift
     return a
 
 
-def main(run: Callable[[argparse.Namespace], None], p: argparse.ArgumentParser,
-         argv: list[str] | None) -> int:
+def main(
+    run: Callable[[argparse.Namespace], None], p: argparse.ArgumentParser, argv: list[str] | None
+) -> int:
     """Parse, run, and turn bad input into one line `error: …` and exit status 2."""
     try:
         a = parse(p, argv)
@@ -101,62 +110,24 @@ def check(ok: bool, msg: str) -> None:
         raise UsageError(msg)
 
 
-def floats(s: str) -> tuple[float, ...]:
-    """A comma-separated list of numbers (an argparse type)."""
-    return tuple(float(v) for v in s.split(","))
-
-
 # ------------------------------------------------------------------------------------------ teacher
-@dataclass
-class Teacher:
-    """A CFG teacher F(x_t/σ_d, t, cond, w) with its prompts, real data and image decoding."""
-
-    F: TrigFlow
-    data_shape: tuple[int, ...]
-    prompt_names: list[str]
-    cond: Callable[[torch.Tensor], Any]  # prompt indices [B] → the teacher's conditioning
-    real: tuple[torch.Tensor, torch.Tensor] | None  # held-out (x0 [M, ...] TrigFlow units, prompts [M])
-    to_images: Callable[[torch.Tensor], torch.Tensor] | None  # x0 (TrigFlow) → [B, C, H, W] in [−1, 1]
-    sigma_d: float = SIGMA_D
+def load_teacher(a: argparse.Namespace) -> tuple[backbones.Teacher, TrigFlow]:
+    """The teacher (backbones.build) and its CFG TrigFlow view F(x_t/σ_d, t, cond, w) (Eqs. 5–7)."""
+    T = backbones.build(config_of(a))
+    return T, TrigFlow(T.velocity, uncond=T.uncond)
 
 
-def load_teacher(a: argparse.Namespace) -> Teacher:
-    """toy: toy.train_teacher (cached under --cache-dir/teachers) + held-out split; sana: the pipeline."""
-    if a.backbone == "sana":
-        return _sana_teacher(a)
-    net = toy.train_teacher(a.backbone, device=a.device, cache_root=f"{a.cache_dir}/teachers",
-                            steps=a.teacher_steps or None, progress=sys.stderr.isatty())
-    x, y, C = toy.load_data(a.backbone, "test")
-    F = TrigFlow(net, uncond=torch.tensor([C], device=a.device))  # class C = the null class
-    # TrigFlow data = σ_d × FM data
-    real = (SIGMA_D * x.to(a.device), y.to(a.device))
-    to_images = (lambda x0: x0 / SIGMA_D) if x.dim() == 4 else None
-    return Teacher(F, tuple(x.shape[1:]), [str(c) for c in range(C)], lambda p: p, real, to_images)
+def held_out(a: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Toy backbones' held-out split (x0 in TrigFlow units, prompts); None for Sana (no images)."""
+    if a.backbone not in toy.BACKBONES:
+        return None
+    x, y, _ = toy.load_data(a.backbone, "test")
+    return SIGMA_D * x.to(a.device), y.to(a.device)
 
 
-def _sana_teacher(a: argparse.Namespace) -> Teacher:
-    """Sana (Sec. 5): CFG against "", prompts encoded once; no real images (--tiny: under --cache-dir)."""
-    import sana
-
-    try:  # every loading failure of sana.py is a ValueError (SanaFolderError included)
-        prompts = sana.read_prompts(a.prompts_file) if a.prompts_file else list(sana.TINY_PROMPTS)
-        with sana.quiet_loading():
-            folder = sana.tiny_folder(a.cache_dir) if a.tiny else a.pretrained  # tiny: built once, cached
-            parts = sana.load_sana(folder, a.device, torch.float32)
-    except ValueError as e:
-        raise UsageError(str(e)) from e
-    L = sana.TINY_MAX_SEQUENCE_LENGTH if a.tiny else sana.MAX_SEQUENCE_LENGTH
-    tr, f = parts.transformer, parts.vae_scale_factor
-    if a.resolution % (f * tr.config.patch_size):
-        raise UsageError(f"--resolution {a.resolution}: must be a multiple of {f * tr.config.patch_size}")
-    F = TrigFlow(sana.velocity(tr, parts.timestep_scale), uncond=sana.empty_prompt(parts, L))
-    embeds, mask = sana.encode_prompts(parts, prompts, L)  # [P, L, D], [P, L]
-
-    def to_images(x0: torch.Tensor) -> torch.Tensor:
-        return 2 * sana.decode(parts, x0 / SIGMA_D) - 1
-
-    shape = (tr.config.in_channels, a.resolution // f, a.resolution // f)
-    return Teacher(F, shape, prompts, lambda p: (embeds[p], mask[p]), None, to_images)
+def to_images(T: backbones.Teacher, x0: torch.Tensor) -> torch.Tensor:
+    """Samples in TrigFlow units → images [B, C, H, W] in [−1, 1]."""
+    return T.to_images(x0 / SIGMA_D)
 
 
 def noise(n: int, shape: tuple[int, ...], g: torch.Generator, device: str) -> torch.Tensor:
@@ -164,23 +135,86 @@ def noise(n: int, shape: tuple[int, ...], g: torch.Generator, device: str) -> to
     return (SIGMA_D * torch.randn((n, *shape), generator=g)).to(device)
 
 
-def prompts(n: int, T: Teacher, device: str) -> torch.Tensor:
+def prompts(n: int, T: backbones.Teacher, device: str) -> torch.Tensor:
     """Prompt indices 0, 1, …, P − 1, 0, … of n samples."""
     return (torch.arange(n) % len(T.prompt_names)).to(device)
 
 
-def data_x0(T: Teacher, n: int, g: torch.Generator, a: argparse.Namespace,
-            N: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """n samples x0 (TrigFlow units) with their prompts: held-out data, without replacement while it lasts;
+def data_x0(
+    T: backbones.Teacher,
+    F: TrigFlow,
+    n: int,
+    g: torch.Generator,
+    a: argparse.Namespace,
+    N: int = 32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """n samples x0 (TrigFlow units) with prompts: held-out data (no replacement while it lasts);
     for image-free backbones the teacher's own samples (reference route of N steps, fresh noise)."""
-    if T.real is not None:
-        x, y = T.real
+    real = held_out(a)
+    if real is not None:
+        x, y = real
         i = torch.cat([torch.randperm(len(x), generator=g) for _ in range(-(-n // len(x)))])[:n]
         return x[i.to(x.device)], y[i.to(y.device)]
-    p = prompts(n, T, a.device)
-    w = torch.full((n,), a.w, device=a.device)
+    p, w = prompts(n, T, a.device), torch.full((n,), a.w, device=a.device)
     z = noise(n, T.data_shape, g, a.device)
-    return rollout(T.F, z, reference_route(N, a.shift), T.cond(p), w, T.sigma_d).x0, p
+    return rollout(F, z, reference_route(N, a.shift), T.cond(p), w, SIGMA_D).x0, p
+
+
+# ----------------------------------------------------------------------- Eq. 8 along both processes
+@torch.no_grad()
+def forward_noise(
+    F: TrigFlowModel,
+    x0: torch.Tensor,
+    z: torch.Tensor,
+    times: torch.Tensor,
+    cond,
+    w: torch.Tensor | None,
+    sigma_d: float,
+) -> torch.Tensor:
+    """Eq. (8) along forward diffusion at each time: [T, B, ...] (equals z when x̂0 = x0)."""
+    out = []
+    for t_i in times:
+        t = t_i.to(z.dtype).expand(len(z))
+        x_t = diffuse(x0, z, t)
+        # x̂0 = cos t·x_t − sin t·σ_d·F(x_t/σ_d, t, cond, w)
+        x0_hat = x0_from_F(x_t, t, F(x_t / sigma_d, t, cond, w), sigma_d)
+        out.append(equivalent_noise(x_t, t, x0_hat))
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def backward_noise(
+    F: TrigFlowModel,
+    z: torch.Tensor,
+    times: torch.Tensor,
+    cond,
+    w: torch.Tensor | None,
+    sigma_d: float,
+) -> torch.Tensor:
+    """Eq. (8) along the teacher ODE from z_T = z (Eq. 9 on `times`, first π/2): [T, B, ...]."""
+    p = rollout(F, z, times, cond, w, sigma_d, keep_first=True)  # time-major: [T·B, ...]
+    # x̂0 = cos t·x_t − sin t·dx_t/dt  (σ_d·F = dx_t/dt)
+    x0_hat = x0_from_F(p.x_t, p.t, p.dxdt / sigma_d, sigma_d)
+    return equivalent_noise(p.x_t, p.t, x0_hat).reshape(len(times), *z.shape)
+
+
+def cosine(noise: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Per-sample cosine similarity of equivalent noises [T, B, ...] with z [B, ...]: [T, B]."""
+    return torch.nn.functional.cosine_similarity(noise.flatten(2), z.flatten(1)[None], dim=-1)
+
+
+def both(T: backbones.Teacher, F: TrigFlow, a: argparse.Namespace, n: int, N: int):
+    """Route times [N] (π/2 … > 0), z [n, ...], forward and backward equivalent noise [N, n, ...].
+
+    Both processes share z and the prompts: forward diffuses real x0 (independent of z) with z,
+    backward starts the teacher ODE at z_T = z."""
+    g = torch.Generator().manual_seed(a.seed)
+    x0, prompt = data_x0(T, F, n, g, a)
+    z = noise(n, T.data_shape, g, a.device)
+    cond, w = T.cond(prompt), torch.full((n,), a.w, device=a.device)
+    times = reference_route(N, a.shift)  # descending, last > 0: Eq. 8 is undefined at t = 0
+    forward = forward_noise(F, x0, z, times, cond, w, SIGMA_D)
+    return times, z, forward, backward_noise(F, z, times, cond, w, SIGMA_D)
 
 
 # ------------------------------------------------------------------------------------------- output
@@ -188,7 +222,7 @@ def write(a: argparse.Namespace, name: str, numbers: dict, fig: plt.Figure) -> N
     """<out>/<name>.json (with the flags) and <out>/<name>.png."""
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    numbers = {"args": {k: v for k, v in vars(a).items()}, **numbers}
+    numbers = {"args": dict(vars(a)), **numbers}
     (out / f"{name}.json").write_text(json.dumps(numbers, indent=1))
     fig.savefig(out / f"{name}.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -196,8 +230,8 @@ def write(a: argparse.Namespace, name: str, numbers: dict, fig: plt.Figure) -> N
 
 
 def show(ax: plt.Axes, x: torch.Tensor, kind: str, scale: float = 1.0) -> None:
-    """One image panel of a sample x [C, H, W]: kind "image" in [−1, 1]; kind "noise" (Eq. 8's noise, a
-    latent) shown in [−scale, scale] with a diverging map, or its first 3 channels as RGB."""
+    """One image panel of a sample x [C, H, W]: kind "image" in [−1, 1]; kind "noise" (Eq. 8's
+    noise, a latent) in [−scale, scale] with a diverging map, or its first 3 channels as RGB."""
     x = x.detach().float().cpu()
     if kind == "image":
         img = ((x.clamp(-1, 1) + 1) / 2).permute(1, 2, 0)

@@ -1,8 +1,8 @@
-"""Sec. 4.2, Fig. 7: the time routes of the three sampling schemes — instances and the density of their times.
+"""Sec. 4.2, Fig. 7: the routes of the three sampling schemes, instances and density of their times.
 
-For random, logit-normal (P_mean, P_std) and the reference route (shift; partitioned sampling), five route
-instances of N times (vertical lines) over the density of the sampled times from many draws (shaded). The
-first time of every route is π/2 (pure noise) and is left out of the density. No teacher is needed.
+For random, logit-normal (P_mean, P_std) and the reference route (shift; partitioned sampling), five
+route instances of N times (vertical lines) over the density of the times of many draws (shaded).
+The first time of every route is π/2 (pure noise), left out of the density. No teacher is needed.
     python analysis/sampling_schemes.py [--N 16] [--draws 20000]
 """
 
@@ -24,8 +24,8 @@ BINS = 60  # histogram bins on [0, π/2]
 
 def draw(scheme: str, n: int, a, g: torch.Generator) -> torch.Tensor:
     """n routes of one scheme, [n, N] (descending, first π/2)."""
-    return torch.stack([sample_route(scheme, a.N, g, shift=a.shift, P_mean=a.P_mean, P_std=a.P_std,
-                                     sigma_d=SIGMA_D) for _ in range(n)])
+    route_kw = dict(shift=a.shift, P_mean=a.P_mean, P_std=a.P_std, sigma_d=SIGMA_D)
+    return torch.stack([sample_route(scheme, a.N, g, **route_kw) for _ in range(n)])
 
 
 def run(a) -> None:
@@ -33,25 +33,44 @@ def run(a) -> None:
 
     common.check(a.N >= 2 and a.draws >= 1, "--N must be >= 2 and --draws >= 1")
     edges = torch.linspace(0, math.pi / 2, BINS + 1, dtype=torch.float64)
-    numbers = {"N": a.N, "shift": a.shift, "P_mean": a.P_mean, "P_std": a.P_std, "draws": a.draws,
-               "reference_route": common.as_list(reference_route(a.N, a.shift)), "bin_edges":
-               common.as_list(edges), "schemes": {}}
+    numbers = {
+        "N": a.N,
+        "shift": a.shift,
+        "P_mean": a.P_mean,
+        "P_std": a.P_std,
+        "draws": a.draws,
+        "reference_route": common.as_list(reference_route(a.N, a.shift)),
+        "bin_edges": common.as_list(edges),
+        "schemes": {},
+    }
     fig, axes = plt.subplots(len(SCHEMES), 1, figsize=(7, 1.6 * len(SCHEMES)), sharex=True)
-    for ax, scheme in zip(axes, SCHEMES):
+    for ax, scheme in zip(axes, SCHEMES, strict=True):
         g = torch.Generator().manual_seed(a.seed)
         inst, routes = draw(scheme, INSTANCES, a, g), draw(scheme, a.draws, a, g)
         t = routes[:, 1:].flatten()  # the sampled times; every route starts at π/2
         hist = torch.histc(t, BINS, 0, math.pi / 2)
         density = hist / (hist.sum() * (edges[1] - edges[0]))
-        # the largest gap of a route, its last step to t = 0 included: how much of [0, π/2] it leaves out
+        # a route's largest gap, its last step to t = 0 included: how much of [0, π/2] it leaves out
         gaps = torch.cat([routes, routes.new_zeros(len(routes), 1)], 1).diff(dim=1).neg()
-        numbers["schemes"][scheme] = {"instances": common.as_list(inst), "density": common.as_list(density),
-                                      "max_gap_mean": float(gaps.max(1).values.mean())}
-        ax.stairs(density.numpy(), edges.numpy(), fill=True, alpha=0.3, color="tab:blue", label="density of sampled t")
+        numbers["schemes"][scheme] = {
+            "instances": common.as_list(inst),
+            "density": common.as_list(density),
+            "max_gap_mean": float(gaps.max(1).values.mean()),
+        }
+        ax.stairs(
+            density.numpy(),
+            edges.numpy(),
+            fill=True,
+            alpha=0.3,
+            color="tab:blue",
+            label="density of sampled t",
+        )
         for j, r in enumerate(inst):  # instance j: ticks in its own band of the panel's height
             lo = j / INSTANCES
-            ax.vlines(r.numpy(), lo + 0.02, lo + 1 / INSTANCES - 0.02, transform=ax.get_xaxis_transform(),
-                      color=f"C{j + 1}", lw=1.0)
+            band = (lo + 0.02, lo + 1 / INSTANCES - 0.02)
+            ax.vlines(
+                r.numpy(), *band, transform=ax.get_xaxis_transform(), color=f"C{j + 1}", lw=1.0
+            )
         ax.set_ylabel("density"), ax.set_title(f"{scheme} (N = {a.N})", fontsize=9, loc="left")
     axes[-1].set_xlabel("t  (0 = data, π/2 = noise)"), axes[-1].set_xlim(0, math.pi / 2)
     axes[0].legend(fontsize=7, loc="upper center")
@@ -61,9 +80,13 @@ def run(a) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = common.parser(__doc__.split("\n")[0])
-    p.add_argument("--N", type=int, default=16, help="times per route (paper Tab. 5; official code 16)")
+    p.add_argument(
+        "--N", type=int, default=16, help="times per route (paper Tab. 5; official code 16)"
+    )
     p.add_argument("--draws", type=int, default=20000, help="routes per scheme for the density")
-    p.add_argument("--P-mean", type=float, default=0.2, help="logit-normal (Sana-Sprint; paper Sec. 5.2)")
+    p.add_argument(
+        "--P-mean", type=float, default=0.2, help="logit-normal (Sana-Sprint; paper Sec. 5.2)"
+    )
     p.add_argument("--P-std", type=float, default=1.6, help="idem")
     return common.main(run, p, argv)
 

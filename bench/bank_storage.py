@@ -6,12 +6,15 @@ their losses and final metrics. Writes bench/results/bank_digits.{json,md}.
     python bench/bank_storage.py         # ~12 min on 2 cores; reuses finished builds and runs
 """
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from config import Parser, UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = ("fp32", "fp16", "bf16")
@@ -44,11 +47,21 @@ def final_tensors(run: Path) -> dict:
     return load_file(max((run / "checkpoints").glob("step-*")) / "tensors.safetensors")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--runs", default="runs/bench")
-    p.add_argument("--results", default="bench/results")
-    a = p.parse_args()
+def main(argv: list[str] | None = None) -> int:
+    p = Parser(description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--runs", default="runs/bench", help="runs and banks, reused (default: runs/bench)"
+    )
+    p.add_argument(
+        "--results",
+        default="bench/results",
+        help="bank_digits.{json,md} go here (default: bench/results)",
+    )
+    try:
+        a = p.parse_args(argv)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     runs, py = ROOT / a.runs, sys.executable
     online = runs / "digits-default-s0"  # bench/quality.py's default run, seed 0
     if not (online / "metrics.json").exists():
@@ -111,7 +124,8 @@ def main() -> None:
     (out / "bank_digits.json").write_text(json.dumps(res, indent=1))
     (out / "bank_digits.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

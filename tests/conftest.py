@@ -13,7 +13,7 @@ def float64():
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """Tiny nets run as fast on one intra-op thread and do not stall when other jobs share the CPU."""
+    """Tiny nets run as fast on one intra-op thread and do not stall when other jobs share a CPU."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -1,4 +1,4 @@
-"""analysis/: Eq. (8) against closed forms, the k-NN two-sample test, and each script's JSON on tiny settings."""
+"""analysis/: Eq. (8) against closed forms, the k-NN two-sample test, each script's JSON (tiny)."""
 
 import json
 import math
@@ -6,10 +6,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from oracles import Gaussian
 
-from analysis import common, equivalent_noise, predicted_x0, sampling_schemes, tsne
-from analysis.equivalent_noise import backward_noise, cosine, forward_noise
+import config
+from analysis import equivalent_noise, predicted_x0, sampling_schemes, tsne
+from analysis.common import backward_noise, cosine, forward_noise
+from oracles import Gaussian
 from trajectory import reference_route, rollout
 
 SIGMA_D = 0.5
@@ -17,16 +18,19 @@ TIMES = torch.tensor([math.pi / 2, 1.2, 0.7, 0.3, 0.05], dtype=torch.float64)  #
 
 
 def x0_oracle(x0):
-    """A teacher whose x̂0 = cos t·x_t − sin t·σ_d·F is exactly x0: F = (cos t·x_t − x0)/(sin t·σ_d)."""
+    """A teacher whose x̂0 = cos t·x_t − sin t·σ_d·F is exactly x0:
+    F = (cos t·x_t − x0)/(sin t·σ_d)."""
+
     def F(x, t, cond=None, w=None):
-        c, s = torch.cos(t)[:, None], torch.sin(t)[:, None]
-        return (c * SIGMA_D * x - x0) / (s * SIGMA_D)
+        cos_t, sin_t = torch.cos(t)[:, None], torch.sin(t)[:, None]
+        return (cos_t * SIGMA_D * x - x0) / (sin_t * SIGMA_D)
+
     return F
 
 
 def test_eq8_true_x0_gives_z(float64):
-    """Eq. 8 with the true x0 along forward diffusion returns z exactly; along an ODE whose x̂0 stays constant
-    (the Eq. 9 step is exact then) it returns z_T at every step."""
+    """Eq. 8 with the true x0 along forward diffusion returns z exactly; along an ODE whose x̂0
+    stays constant (the Eq. 9 step is exact then) it returns z_T at every step."""
     g = torch.Generator().manual_seed(0)
     x0, z = torch.randn(16, 3, generator=g), SIGMA_D * torch.randn(16, 3, generator=g)
     fwd = forward_noise(x0_oracle(x0), x0, z, TIMES, None, None, SIGMA_D)
@@ -45,8 +49,8 @@ def test_eq8_gaussian_posterior_mean_gives_E_z(float64):
     z = SIGMA_D * torch.randn(32, 3, generator=g)
 
     def E_z(x_t, t):
-        c, s = torch.cos(t)[:, None], torch.sin(t)[:, None]
-        return SIGMA_D * s * (x_t / SIGMA_D - c * G.mu) / (c**2 * G.S**2 + s**2)
+        cos_t, sin_t = torch.cos(t)[:, None], torch.sin(t)[:, None]
+        return SIGMA_D * sin_t * (x_t / SIGMA_D - cos_t * G.mu) / (cos_t**2 * G.S**2 + sin_t**2)
 
     fwd = forward_noise(G.F, x0, z, TIMES, None, None, SIGMA_D)
     for i, t in enumerate(TIMES):
@@ -59,8 +63,9 @@ def test_eq8_gaussian_posterior_mean_gives_E_z(float64):
 
 
 def test_gaussian_backward_stays_parallel_to_z_T(float64):
-    """Isotropic Gaussian data: the exact ODE keeps x_t/σ_d − cos t·μ ∝ z_T, so Eq. 8's noise stays parallel to
-    z_T (cos → 1 on a fine route), while forward diffusion shrinks E[z | x_t] towards the data (cos < 1)."""
+    """Isotropic Gaussian data: the exact ODE keeps x_t/σ_d − cos t·μ ∝ z_T, so Eq. 8's noise stays
+    parallel to z_T (cos → 1 on a fine route), while forward diffusion shrinks E[z | x_t] towards
+    the data (cos < 1)."""
     G = Gaussian(torch.tensor([0.5, -0.5, 0.2, 0.0]), S=0.8, sigma_d=SIGMA_D)
     g = torch.Generator().manual_seed(2)
     x0 = SIGMA_D * (G.mu + G.S * torch.randn(256, 4, generator=g))
@@ -89,7 +94,8 @@ def cache(tmp_path_factory):
 def run(script, tmp_path, cache, backbone, *flags):
     """One script in-process on a toy teacher of 50 FM steps; returns its JSON."""
     out = tmp_path / backbone
-    argv = ["--backbone", backbone, "--teacher-steps", "50", "--cache-dir", str(cache), "--out", str(out)]
+    argv = ["--backbone", backbone, "--teacher-steps", "50", "--cache-dir", str(cache)]
+    argv += ["--out", str(out)]
     assert script.main([*argv, *flags]) == 0
     name = script.__name__.split(".")[-1]
     assert (out / f"{name}.png").stat().st_size > 0
@@ -117,8 +123,8 @@ def test_tsne_script(tmp_path, cache):
     assert len(d["t"]) == 2 and len(d["tsne"]) == 2
     for v in d["knn_accuracy"].values():
         assert len(v) == 2 and all(0 <= x <= 1 for x in v)
-    assert all(len(e[k]) == 20 and len(e[k][0]) == 2 for e in d["tsne"] for k in ("initial", "forward",
-                                                                                   "backward"))
+    sets = [e[k] for e in d["tsne"] for k in ("initial", "forward", "backward")]
+    assert all(len(points) == 20 and len(points[0]) == 2 for points in sets)
 
 
 def test_sampling_schemes_script(tmp_path, cache):
@@ -126,27 +132,37 @@ def test_sampling_schemes_script(tmp_path, cache):
     width = d["bin_edges"][1] - d["bin_edges"][0]
     assert set(d["schemes"]) == {"random", "logit_normal", "reference"}
     for s in d["schemes"].values():
-        assert len(s["instances"]) == 5 and all(len(r) == 6 and r[0] == math.pi / 2 for r in s["instances"])
+        assert len(s["instances"]) == 5
+        assert all(len(r) == 6 and r[0] == math.pi / 2 for r in s["instances"])
         assert all(r == sorted(r, reverse=True) for r in s["instances"])
         assert sum(s["density"]) * width == pytest.approx(1)
 
 
 @pytest.mark.parametrize("backbone", ["toy2d", "digits"])
 def test_predicted_x0_script(tmp_path, cache, backbone):
-    d = run(predicted_x0, tmp_path, cache, backbone, "--n", "4", "--routes", "2", "--N", "5",
-            "--steps", "3,4", "--ref-N", "8")
+    flags = ["--n", "4", "--routes", "2", "--N", "5", "--steps", "3,4", "--ref-N", "8"]
+    d = run(predicted_x0, tmp_path, cache, backbone, *flags)
     assert [p["scheme"] for p in d["schemes"]] == ["random", "logit_normal", "reference"]
     assert [p["N"] for p in d["steps"]] == [3, 4]
     for p in d["schemes"] + d["steps"]:
-        assert len(p["mse_to_ode"]) == len(p["mse_to_ode_at_t"]) == len(p["mse_to_own_final"]) == p["N"]
+        lengths = [len(p[k]) for k in ("mse_to_ode", "mse_to_ode_at_t", "mse_to_own_final")]
+        assert lengths == [p["N"]] * 3
         assert p["mse_to_ode_at_t"][0] < 1e-10  # at π/2 both start from the same z
         assert p["mse_to_own_final"][-1] < 1e-8  # the end point is the last x̂0
         assert p["final_nn_mse_to_data"] >= 0
 
 
-@pytest.mark.parametrize("argv", [["--backbone", "nope"], ["--backbone", "sana"], ["--tiny"],
-                                  ["--backbone", "sana", "--pretrained", "/nowhere/sana"],
-                                  ["--n", "1"], ["--teacher-steps", "-1"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--backbone", "nope"],
+        ["--backbone", "sana"],
+        ["--tiny"],
+        ["--backbone", "sana", "--pretrained", "/nowhere/sana"],
+        ["--n", "1"],
+        ["--teacher-steps", "-1"],
+    ],
+)
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, argv):
     assert equivalent_noise.main([*argv, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
@@ -162,4 +178,4 @@ def test_sana_tiny(tmp_path, cache):
     assert equivalent_noise.main([*flags, "--n", "4", "--N", "4"]) == 0
     d = json.loads((out / "equivalent_noise.json").read_text())
     assert len(d["backward"]["cos_mean"]) == 4
-    assert common.DEFAULTS["sana"]["w"] == d["args"]["w"]
+    assert d["args"]["w"] == config.PRESETS["sana"]["eval_w"][0]  # train.py's evaluation CFG scale

@@ -4,9 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from metrics import Evaluator, evaluate, frechet_distance, sliced_wasserstein, train_classifier
+from metrics import Evaluator, frechet_distance, sliced_wasserstein, train_classifier
 from toy import load_data
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -81,9 +80,11 @@ def test_digits_evaluator_floor_noise_shift_and_alignment(digits_eval):
     assert digits_eval(x, y)["distance"] == pytest.approx(0, abs=1e-6)  # the held-out set itself
 
 
-def test_evaluate_reports_the_floor_at_the_same_sample_count(digits_eval, tmp_path_factory):
-    cache = next(p for p in tmp_path_factory.getbasetemp().glob("classifiers*"))
+def test_floor_is_a_fixed_training_subset_against_held_out(digits_eval):
+    """floor(n): n training points (a seeded subset, the same on every call) scored like samples."""
     x_train, y_train, _ = load_data("digits", "train")
-    out = evaluate("digits", x_train[:500], y_train[:500], cache_root=str(cache))
-    assert set(out) == {"distance", "alignment", "floor"}
-    assert out["floor"] == pytest.approx(digits_eval.floor(500)["distance"])
+    perm = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0))[:500]
+    assert (
+        digits_eval.floor(500)["distance"] == digits_eval(x_train[perm], y_train[perm])["distance"]
+    )
+    assert digits_eval.floor(500) == digits_eval.floor(500)

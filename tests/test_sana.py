@@ -9,6 +9,8 @@ import pytest
 import torch
 
 import sana
+import sana_io
+import sana_tiny
 from trigflow import SIGMA_D, TrigFlow, trig_time, x0_from_F
 
 L = 8  # max_sequence_length: keeps text encoding tiny
@@ -18,7 +20,7 @@ H = W = 64  # pixels; 8×8 latents (DC-AE f8)
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return sana.build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sana")
+    return sana_tiny.build_pipeline(tmp_path_factory.mktemp("tiny") / "sana")
 
 
 @pytest.fixture(scope="module")
@@ -38,20 +40,21 @@ def _student(parts, seed=1):
 def _record_kwargs(module, key, store):
     """Forward pre-hook that appends the keyword argument `key` of every call to `store`."""
     return module.register_forward_pre_hook(
-        lambda m, args, kwargs: store.append(kwargs[key].detach().clone()), with_kwargs=True)
+        lambda m, args, kwargs: store.append(kwargs[key].detach().clone()), with_kwargs=True
+    )
 
 
 def test_folder_errors(tiny, tmp_path):
     """A missing folder, one without transformer/, an empty transformer/: one-line errors."""
-    with pytest.raises(sana.SanaFolderError, match="transformer/ text_encoder/") as e:
+    with pytest.raises(sana_io.SanaInputError, match="transformer/ text_encoder/") as e:
         sana.load_sana(tmp_path / "nowhere", "cpu", torch.float32)
-    assert "\n" not in str(e.value) and sana.TEACHER_REPO in str(e.value)
+    assert "\n" not in str(e.value) and sana_io.TEACHER_REPO in str(e.value)
     no_tr = tmp_path / "no_transformer"
     shutil.copytree(tiny, no_tr, ignore=lambda d, names: ["transformer"] if d == str(tiny) else [])
-    with pytest.raises(sana.SanaFolderError, match="missing transformer/;"):
+    with pytest.raises(sana_io.SanaInputError, match="missing transformer/;"):
         sana.load_sana(no_tr, "cpu", torch.float32)
     (no_tr / "transformer").mkdir()
-    with pytest.raises(sana.SanaFolderError, match="cannot load") as e:
+    with pytest.raises(sana_io.SanaInputError, match="cannot load") as e:
         sana.load_sana(no_tr, "cpu", torch.float32)
     assert "\n" not in str(e.value)
 
@@ -62,13 +65,26 @@ def test_velocity_matches_sana_pipeline(parts, tiny):
     from diffusers import FlowMatchEulerDiscreteScheduler, SanaPipeline
 
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(tiny / "scheduler")
-    pipe = SanaPipeline(tokenizer=parts.tokenizer, text_encoder=parts.text_encoder,
-                        vae=parts.vae, transformer=parts.transformer, scheduler=scheduler)
+    pipe = SanaPipeline(
+        tokenizer=parts.tokenizer,
+        text_encoder=parts.text_encoder,
+        vae=parts.vae,
+        transformer=parts.transformer,
+        scheduler=scheduler,
+    )
     pipe.set_progress_bar_config(disable=True)
     x = torch.randn(2, 4, H // 8, W // 8, generator=torch.Generator().manual_seed(0))
-    kw = dict(prompt=PROMPTS, guidance_scale=4.5, num_inference_steps=2, height=H, width=W,
-              latents=x, use_resolution_binning=False, max_sequence_length=L,
-              complex_human_instruction=None)
+    kw = dict(
+        prompt=PROMPTS,
+        guidance_scale=4.5,
+        num_inference_steps=2,
+        height=H,
+        width=W,
+        latents=x,
+        use_resolution_binning=False,
+        max_sequence_length=L,
+        complex_human_instruction=None,
+    )
     fed = []
     hook = _record_kwargs(parts.transformer, "timestep", fed)
     latent = pipe(**kw, output_type="latent").images
@@ -77,7 +93,7 @@ def test_velocity_matches_sana_pipeline(parts, tiny):
     s_sched = scheduler.sigmas  # [1, s_1, 0] after the shift
     assert 0 < s_sched[1] < 1 and len(fed) == 2
 
-    v = sana.velocity(parts.transformer, parts.timestep_scale)
+    v = sana.SanaVelocity(parts.transformer, parts.timestep_scale)
     cond = sana.encode_prompts(parts, PROMPTS, L)
     ours = []
     hook = _record_kwargs(parts.transformer, "timestep", ours)
@@ -110,11 +126,11 @@ def test_student_equals_teacher_at_init(parts):
     x, s = torch.randn(2, 4, 8, 8), torch.tensor([0.2, 0.9])
     cond = sana.encode_prompts(parts, PROMPTS, L)
     with torch.no_grad():
-        v_teacher = sana.velocity(parts.transformer, parts.timestep_scale)(x, s, cond)
+        v_teacher = sana.SanaVelocity(parts.transformer, parts.timestep_scale)(x, s, cond)
         for g in (torch.tensor([0.0, 0.45]), torch.tensor([1.0, 7.0])):
-            v_student = sana.velocity(student, 1.0)(x, s, cond, g)
+            v_student = sana.SanaVelocity(student, 1.0)(x, s, cond, g)
             torch.testing.assert_close(v_student, v_teacher, rtol=0, atol=1e-6)
-        ema = copy.deepcopy(sana.velocity(student, 1.0))  # what train.py does with the student
+        ema = copy.deepcopy(sana.SanaVelocity(student, 1.0))  # what train.py does with the student
         torch.testing.assert_close(ema(x, s, cond, g), v_teacher, rtol=0, atol=1e-6)
     assert {id(p) for p in ema.parameters()} != {id(p) for p in student.parameters()}
     with pytest.raises(ValueError, match="SanaSprintPipeline feeds s"):
@@ -127,7 +143,7 @@ def test_jvp_safe_matches_forward_and_finite_difference(parts):
 
     student = _student(parts)
     cond, w = sana.encode_prompts(parts, PROMPTS, L), torch.tensor([4.0, 5.0])
-    v = sana.velocity(student, 1.0)
+    v = sana.SanaVelocity(student, 1.0)
     F = TrigFlow(v, guidance_scale=0.1)
     g = torch.Generator().manual_seed(2)
     x, dx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
@@ -149,8 +165,9 @@ def test_jvp_safe_matches_forward_and_finite_difference(parts):
 
 
 def test_export_student_matches_sprint_pipeline(parts, tmp_path):
-    """SanaSprintPipeline on the exported folder: each step's σ_d·F is σ_d·TrigFlow(velocity(
-    student), 0.1)(x/σ_d, t, cond, w); guidance fed is 0.1·w; 1 step: x0 = cos t·x − sin t·σ_d·F."""
+    """SanaSprintPipeline on the exported folder: each step's σ_d·F is
+    σ_d·TrigFlow(SanaVelocity(student, 1), 0.1)(x/σ_d, t, cond, w); guidance fed is 0.1·w;
+    1 step: x0 = cos t·x − sin t·σ_d·F."""
     from diffusers import SanaSprintPipeline
 
     student = _student(parts)
@@ -158,10 +175,19 @@ def test_export_student_matches_sprint_pipeline(parts, tmp_path):
     pipe = SanaSprintPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     x = torch.randn(2, 4, H // 8, W // 8, generator=torch.Generator().manual_seed(3))
-    kw = dict(prompt=PROMPTS, guidance_scale=4.5, height=H, width=W, latents=x,
-              output_type="latent", intermediate_timesteps=None, use_resolution_binning=False,
-              max_sequence_length=L, complex_human_instruction=None)
-    F = TrigFlow(sana.velocity(student, 1.0), guidance_scale=0.1)
+    kw = dict(
+        prompt=PROMPTS,
+        guidance_scale=4.5,
+        height=H,
+        width=W,
+        latents=x,
+        output_type="latent",
+        intermediate_timesteps=None,
+        use_resolution_binning=False,
+        max_sequence_length=L,
+        complex_human_instruction=None,
+    )
+    F = TrigFlow(sana.SanaVelocity(student, 1.0), guidance_scale=0.1)
     cond, w = sana.encode_prompts(parts, PROMPTS, L), torch.full((2,), 4.5)
 
     steps, step = [], pipe.scheduler.step  # record (σ_d·F, t, x_t) as the pipeline passes them
@@ -193,7 +219,8 @@ def test_export_student_matches_sprint_pipeline(parts, tmp_path):
 
 
 def test_black_latent_and_image_folder(parts, tmp_path):
-    """scm_images_to_latents: resize, crop, [−1, 1], DC-AE × scaling_factor; black: black_latent."""
+    """sCM data (image_folder → load_image → encode_images): resize, crop, [−1, 1], DC-AE ×
+    scaling_factor; black: black_latent."""
     from PIL import Image
 
     Image.new("RGB", (40, 48), (0, 0, 0)).save(tmp_path / "a.png")
@@ -201,7 +228,9 @@ def test_black_latent_and_image_folder(parts, tmp_path):
     noise = np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)
     Image.fromarray(noise).save(tmp_path / "b.png")
     (tmp_path / "b.txt").write_text("noise")
-    latents, captions = sana.scm_images_to_latents(parts, tmp_path, 32)
+    paths, captions = sana_io.image_folder(tmp_path)
+    pixels = torch.stack([sana_io.load_image(path, 32) for path in paths])  # [2, 3, 32, 32]
+    latents = sana.encode_images(parts, pixels)
     assert captions == ["a black square", "noise"] and latents.shape == (2, 4, 4, 4)
     black = sana.black_latent(parts, 32, 32)
     torch.testing.assert_close(latents[:1], black, rtol=1e-5, atol=1e-5)
@@ -211,3 +240,45 @@ def test_black_latent_and_image_folder(parts, tmp_path):
     torch.testing.assert_close(black, raw * vae.config.scaling_factor)
     images = sana.decode(parts, latents)
     assert images.shape == (2, 3, 32, 32) and images.min() >= 0 and images.max() <= 1
+
+
+def test_tiny_folder_built_once_and_kept(tmp_path, monkeypatch):
+    """tiny_folder: built under a temporary name, renamed into place; a folder another process
+    renamed into place first is kept; a complete folder is not rebuilt."""
+    built = []
+
+    def fake_build(out_dir, rival=None):
+        built.append(out_dir)
+        (out_dir / "model_index.json").parent.mkdir(parents=True)
+        (out_dir / "model_index.json").write_text("ours")
+        if rival is not None:  # another process finishes the same folder while we build
+            rival.mkdir()
+            (rival / "model_index.json").write_text("theirs")
+
+    monkeypatch.setattr(sana_tiny, "build_pipeline", fake_build)
+    final = sana_tiny.tiny_folder(tmp_path / "a")
+    assert built[0].name.startswith(".tmp-") and (final / "model_index.json").read_text() == "ours"
+    assert sana_tiny.tiny_folder(tmp_path / "a") == final and len(built) == 1
+    name = final.name
+    monkeypatch.setattr(
+        sana_tiny, "build_pipeline", lambda out: fake_build(out, rival=tmp_path / "b" / name)
+    )
+    final = sana_tiny.tiny_folder(tmp_path / "b")
+    assert (final / "model_index.json").read_text() == "theirs"
+    assert [p.name for p in (tmp_path / "b").iterdir()] == [name]  # no temporary left behind
+
+
+def test_input_errors_are_one_line(tmp_path):
+    """read_prompts, image_folder, load_image: SanaInputError (a ValueError) with one-line text."""
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    (tmp_path / "x.png").write_bytes(b"not a png")
+    for bad in (
+        lambda: sana_io.read_prompts(tmp_path / "blank.txt"),
+        lambda: sana_io.read_prompts(tmp_path / "nowhere.txt"),
+        lambda: sana_io.image_folder(tmp_path / "nowhere"),
+        lambda: sana_io.image_folder(tmp_path),  # x.png has no x.txt
+        lambda: sana_io.load_image(tmp_path / "x.png", 32),
+    ):
+        with pytest.raises(sana_io.SanaInputError) as e:
+            bad()
+        assert isinstance(e.value, ValueError) and "\n" not in str(e.value)

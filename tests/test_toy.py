@@ -1,4 +1,4 @@
-"""Toy data, velocity nets and the cached flow-matching teacher (toy.py)."""
+"""Toy data, velocity nets (toy.py) and the cached flow-matching teacher (toy_teacher.py)."""
 
 import dataclasses
 import json
@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from toy import (TEACHERS, ToyDataError, config_hash, load_data, make_net, ring_centers,
-                 student_from_teacher, train_teacher)
+from checkpoint import config_hash
+from toy import ToyDataError, load_data, ring_centers
+from toy_teacher import TEACHERS, make_net, student_from_teacher, train_teacher
 from trigflow import SIGMA_D, TrigFlow
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -130,8 +130,9 @@ def test_teacher_cache_reloads_without_training(tmp_path):
     on_disk = load_file(folder / "model.safetensors")
     for k, v in trained.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v) and torch.equal(on_disk[k], v)
-    other = train_teacher("toy2d", cache_root=str(tmp_path), steps=5, seed=1, progress=False,
-                          cfg=cfg)
+    other = train_teacher(
+        "toy2d", cache_root=str(tmp_path), steps=5, seed=1, progress=False, cfg=cfg
+    )
     assert len(list(tmp_path.iterdir())) == 2
     assert not torch.equal(other.inp.weight, trained.inp.weight)
 

@@ -1,6 +1,7 @@
 """train.py end to end on the toy backbones: run directory contract, resume, bad input."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +14,8 @@ import train
 
 ROOT = Path(__file__).resolve().parents[1]
 # tiny, fast settings: a 60-step teacher, a handful of distillation steps
-FAST = ["--teacher-steps", "60", "--n-eval", "100", "--N", "4", "--prompts", "2", "--K", "2",
-        "--pool-steps", "2", "--log-every", "1", "--eval-teacher-steps", "4"]
+FAST = ["--teacher-steps", "60", "--n-eval", "100", "--N", "4", "--prompts", "2", "--K", "2"]
+FAST += ["--pool-steps", "2", "--log-every", "1", "--eval-teacher-steps", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -29,19 +30,22 @@ def run(args, cache):
 @pytest.mark.parametrize("backbone", ["toy2d", "digits"])
 @pytest.mark.parametrize("method", ["tbcm", "scm"])
 def test_run_directory_contract(backbone, method, cache, tmp_path):
-    """DESIGN §5: config.json, checkpoints/, student/, metrics.json (schema), samples.png, training.png, log."""
+    """The run directory train.py promises: config.json, checkpoints/, student/, metrics.json
+    (schema), samples.png, training.png, log.jsonl."""
     out = tmp_path / "run"
-    assert run(["--backbone", backbone, "--method", method, "--steps", "6", "--ckpt-every", "4",
-                "--out", str(out)], cache) == 0
+    args = ["--backbone", backbone, "--method", method, "--steps", "6", "--ckpt-every", "4"]
+    assert run([*args, "--out", str(out)], cache) == 0
     for name in ("config.json", "metrics.json", "samples.png", "training.png", "log.jsonl"):
         assert (out / name).is_file(), name
     assert (out / "student" / "model.safetensors").is_file()
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000004", "step-0000006"]
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert checkpoints == ["step-0000004", "step-0000006"]
     m = json.loads((out / "metrics.json").read_text())
     assert m["backbone"] == backbone and m["method"] == method
     assert m["train"]["steps"] == 6 and m["train"]["nan_skipped"] == 0
-    assert set(m["eval"]) == {"distance_name", "data", "teacher@N", "student@1", "student@2", "student@4"}
-    for k in ("teacher@N", "student@1", "student@2", "student@4"):
+    samplers = ("teacher@N", "student@1", "student@2", "student@4")
+    assert set(m["eval"]) == {"distance_name", "data", *samplers}
+    for k in samplers:
         v = m["eval"][k]
         assert set(v) == {"distance", "alignment", "nfe", "samples_per_s"}
         assert all(isinstance(x, (int, float)) and x == x for x in v.values())
@@ -50,7 +54,8 @@ def test_run_directory_contract(backbone, method, cache, tmp_path):
 
 
 def test_resume_is_bit_identical(cache, tmp_path):
-    """k steps, stop, --resume to n == n steps uninterrupted: same student, EMA, log (CPU, bitwise)."""
+    """k steps, stop, --resume to n == n steps uninterrupted: the same student, EMA and log,
+    bitwise (CPU)."""
     a, b = tmp_path / "a", tmp_path / "b"
     common = ["--backbone", "digits", "--ckpt-every", "3"]
     assert run([*common, "--steps", "7", "--out", str(a)], cache) == 0
@@ -59,31 +64,41 @@ def test_resume_is_bit_identical(cache, tmp_path):
     ta = load_file(a / "checkpoints" / "step-0000007" / "tensors.safetensors")
     tb = load_file(b / "checkpoints" / "step-0000007" / "tensors.safetensors")
     assert ta.keys() == tb.keys()
-    assert all(torch.equal(ta[k], tb[k]) for k in ta), [k for k in ta if not torch.equal(ta[k], tb[k])]
-    strip = [{k: v for k, v in json.loads(ln).items() if k != "wall_s"}
-             for ln in (a / "log.jsonl").read_text().splitlines()]
-    strip_b = [{k: v for k, v in json.loads(ln).items() if k != "wall_s"}
-               for ln in (b / "log.jsonl").read_text().splitlines()]
-    assert strip == strip_b
+    differ = [k for k in ta if not torch.equal(ta[k], tb[k])]
+    assert not differ, differ
+
+    def log_without_wall_time(run_dir):
+        lines = (run_dir / "log.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(ln).items() if k != "wall_s"} for ln in lines]
+
+    assert log_without_wall_time(a) == log_without_wall_time(b)
 
 
-@pytest.mark.parametrize("args", [
-    ["--backbone", "imagenet"],
-    ["--method", "dmd"],
-    ["--scheme", "cosine"],
-    ["--N", "1"],
-    ["--lr", "-1"],
-    ["--r-final", "2"],
-    ["--steps", "many"],
-    ["--backbone", "cifar10"],
-    ["--backbone", "cifar10", "--data-dir", "/nonexistent/cifar-10-batches-py"],
-    ["--resume"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--backbone", "imagenet"],
+        ["--method", "dmd"],
+        ["--scheme", "cosine"],
+        ["--N", "1"],
+        ["--lr", "-1"],
+        ["--r-final", "2"],
+        ["--steps", "many"],
+        ["--backbone", "cifar10"],
+        ["--backbone", "cifar10", "--data-dir", "/nonexistent/cifar-10-batches-py"],
+        ["--resume"],
+    ],
+)
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(args, tmp_path, cache):
-    """DESIGN §5: exit 2, one line `error: …`, no run directory."""
+    """train.py's bad-input contract: exit 2, one line `error: …`, no run directory."""
     out = tmp_path / "run"
-    p = subprocess.run([sys.executable, "train.py", *args, "--out", str(out), "--cache-dir", cache],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "train.py", *args, "--out", str(out), "--cache-dir", cache],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 2, p.stderr
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
@@ -93,53 +108,79 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(args, tmp_path, cach
 def test_existing_run_needs_resume_or_overwrite(cache, tmp_path):
     """A finished run is never silently replaced."""
     out = tmp_path / "run"
-    assert run(["--backbone", "toy2d", "--steps", "2", "--out", str(out)], cache) == 0
-    assert run(["--backbone", "toy2d", "--steps", "2", "--out", str(out)], cache) == 2
-    assert run(["--backbone", "toy2d", "--steps", "2", "--out", str(out), "--overwrite"], cache) == 0
+    args = ["--backbone", "toy2d", "--steps", "2", "--out", str(out)]
+    assert run(args, cache) == 0
+    assert run(args, cache) == 2
+    assert run([*args, "--overwrite"], cache) == 0
 
 
 def test_nan_steps_are_skipped_then_stop(cache, tmp_path, monkeypatch):
-    """NaN guard: NaN losses are skipped and counted; max_bad_steps in a row stop the run (exit 1)."""
+    """NaN guard: NaN losses are skipped and counted; max_bad_steps in a row stop it (exit 1)."""
     import loss as loss_mod
 
     real = loss_mod.scm_loss
-    monkeypatch.setattr(train, "scm_loss", lambda *a, **k: (real(*a, **k)[0] * float("nan"), real(*a, **k)[1]))
+    monkeypatch.setattr(
+        train, "scm_loss", lambda *a, **k: (real(*a, **k)[0] * float("nan"), real(*a, **k)[1])
+    )
     out = tmp_path / "run"
-    assert run(["--backbone", "toy2d", "--steps", "10", "--max-bad-steps", "3", "--ckpt-every", "1",
-                "--out", str(out)], cache) == 1
+    args = ["--backbone", "toy2d", "--steps", "10", "--max-bad-steps", "3", "--ckpt-every", "1"]
+    assert run([*args, "--out", str(out)], cache) == 1
     assert not (out / "metrics.json").exists()
 
 
+def logged(run: Path, key: str) -> list[float]:
+    return [json.loads(ln)[key] for ln in (run / "log.jsonl").read_text().splitlines()]
+
+
 def test_torchrun_two_processes_match_one(cache, tmp_path):
-    """Data parallel: 2 gloo ranks (one prompt each) end with the student of 1 process with the same global batch
-    and the same pairs (seeded per prompt slot); only gradient summation order differs (≤ 1e-5)."""
-    flags = [*FAST, "--cache-dir", cache, "--backbone", "toy2d", "--steps", "5", "--pool-steps", "1",
-             "--filter-mode", "off"]
+    """Data parallel: 2 gloo ranks (one prompt slot each) draw the pairs one process draws and
+    average the same gradient. What must be equal is compared: step 0's gradient norm (same weights,
+    same pairs: only summation order differs), later steps' too, and the weights after 5 AdamW
+    steps to within half a learning rate (Adam divides each coordinate by its own gradient's size,
+    so coordinates with a near-zero gradient move by up to lr on rounding noise). CFG w = 2 keeps
+    the loss away from zero from step 0: with w = 1 and r = 0 the student equals its target there
+    and its whole gradient is rounding noise (rank 0 logs its own half's loss)."""
+    flags = ["--backbone", "toy2d", "--steps", "5", "--pool-steps", "1", "--filter-mode", "off"]
+    flags += ["--cfg-scales", "2"]
     one, two = tmp_path / "one", tmp_path / "two"
-    assert run(["--backbone", "toy2d", "--steps", "5", "--pool-steps", "1", "--filter-mode", "off",
-                "--out", str(one)], cache) == 0
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                        "--master_port=29517", "train.py", *flags, "--out", str(two)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run([*flags, "--out", str(one)], cache) == 0
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    p = subprocess.run(
+        [*torchrun, "train.py", *FAST, "--cache-dir", cache, *flags, "--out", str(two)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert p.returncode == 0, p.stderr[-2000:]
+    assert min(logged(one, "loss")) > 0.1  # a real gradient at every step
+    g1, g2 = logged(one, "grad_norm"), logged(two, "grad_norm")
+    assert g1[0] == pytest.approx(g2[0], rel=1e-6) and g1 == pytest.approx(g2, rel=1e-4)
     a = load_file(one / "checkpoints" / "step-0000005" / "tensors.safetensors")
     b = load_file(two / "checkpoints" / "step-0000005" / "tensors.safetensors")
     diff = max(float((a[k] - b[k]).abs().max()) for k in a if k.startswith(("student/", "head/")))
-    assert diff < 1e-5
-    assert any(not torch.equal(a[k], a["ema/" + k[8:]]) for k in a if k.startswith("student/"))  # it trained
+    assert diff < 0.5 * 2e-4  # the toy2d preset's lr
+    # it trained
+    assert any(not torch.equal(a[k], a["ema/" + k[8:]]) for k in a if k.startswith("student/"))
     assert json.loads((two / "metrics.json").read_text())["train"]["processes"] == 2
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resumes(cache, tmp_path):
-    """Ctrl-C: the current step finishes, a checkpoint is saved, exit 130; --resume continues from it."""
+    """Ctrl-C: the step in progress finishes, a checkpoint is saved, exit 130; --resume goes on."""
     import signal
     import time
 
     out = tmp_path / "run"
-    run(["--backbone", "toy2d", "--steps", "1", "--out", str(tmp_path / "warm")], cache)  # teacher cached
-    p = subprocess.Popen([sys.executable, "train.py", *FAST, "--cache-dir", cache, "--backbone", "toy2d",
-                          "--steps", "100000", "--ckpt-every", "100000", "--out", str(out)],
-                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run(["--backbone", "toy2d", "--steps", "1", "--out", str(tmp_path / "warm")], cache)  # cache
+    args = ["--backbone", "toy2d", "--steps", "100000", "--ckpt-every", "100000", "--out", str(out)]
+    p = subprocess.Popen(
+        [sys.executable, "train.py", *FAST, "--cache-dir", cache, *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     log, deadline = out / "log.jsonl", time.time() + 120
     while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 3):
         time.sleep(0.2)
@@ -149,5 +190,6 @@ def test_ctrl_c_saves_a_checkpoint_and_resumes(cache, tmp_path):
     last = sorted((out / "checkpoints").glob("step-*"))[-1]
     step = json.loads((last / "state.json").read_text())["train"]["step"]
     assert step >= 3 and last.name == f"step-{step:07d}"
-    assert run(["--backbone", "toy2d", "--steps", str(step + 2), "--out", str(out), "--resume"], cache) == 0
+    resume = ["--backbone", "toy2d", "--steps", str(step + 2), "--out", str(out), "--resume"]
+    assert run(resume, cache) == 0
     assert json.loads((out / "metrics.json").read_text())["train"]["steps"] == step + 2

@@ -1,0 +1,86 @@
+"""What bench/cost.py's measurements say: the ratios of TBCM and the bank to sCM against Tab. 3,
+the markdown tables of Fig. 4's stages, and the memory-vs-resolution lines of `--sweep`."""
+
+import numpy as np
+
+VARIANTS = ("scm", "tbcm", "bank")
+# the paper's Tab. 3 (sCM 62.9 GB / 7965 GPU·h, TBCM 22.6 GB / 4640 GPU·h); ours: the bank's target
+CLAIMS = (
+    ("tbcm_over_scm_time_per_pair", 4640 / 7965, "TBCM/sCM training time (Tab. 3: 0.58)"),
+    ("tbcm_over_scm_peak_memory", 22.6 / 62.9, "TBCM/sCM peak memory (Tab. 3: 0.36)"),
+    ("bank_over_scm_peak_memory", 0.2, "bank/sCM peak memory (target 0.2)"),
+    ("bank_over_tbcm_time_per_pair", 1.0, "bank/TBCM time per pair (target < 1)"),
+)
+
+
+def ratios_of(v: dict) -> dict:
+    """TBCM and the bank against sCM; memory: CUDA's peak on a GPU, else the peak RSS."""
+    s, tb, bk, floor = v["scm"], v["tbcm"], v["bank"], "peak_above_floor_mb"
+    mem = "cuda_peak_mb" if "cuda_peak_mb" in s else "peak_rss_mb"
+    return {
+        "tbcm_over_scm_time_per_pair": tb["time_per_pair_s"] / s["time_per_pair_s"],
+        "tbcm_over_scm_peak_memory": tb[mem] / s[mem],
+        "tbcm_over_scm_peak_above_floor": tb[floor] / s[floor],
+        "bank_over_scm_peak_memory": bk[mem] / s[mem],
+        "bank_over_scm_peak_above_floor": bk[floor] / s[floor],
+        "bank_over_tbcm_time_per_pair": bk["time_per_pair_s"] / tb["time_per_pair_s"],
+    }
+
+
+def claim_lines(ratios: dict) -> list[str]:
+    """One line per claim: reproduced when the measured ratio is at or below the target."""
+    verdict = {True: "reproduced", False: "not reproduced at this scale"}
+    return [f"{t}: measured {ratios[k]:.2f}, {verdict[ratios[k] <= x]}" for k, x, t in CLAIMS]
+
+
+def dyn_mb(stage: dict) -> str:
+    return "–" if stage["dynamic_mem_mb"] is None else f"{stage['dynamic_mem_mb']:.0f}"
+
+
+def table(variants: dict) -> str:
+    """Time per pair, step, peak memory, then per stage its seconds per step (dynamic MB)."""
+    v = list(variants.values())
+    rows = [("time per pair (ms)", [f"{x['time_per_pair_s'] * 1e3:.1f}" for x in v])]
+    rows.append(("step (s)", [f"{x['step_s']:.2f}" for x in v]))
+    rows.append(("peak RSS (MB)", [f"{x['peak_rss_mb']:.0f}" for x in v]))
+    if all("cuda_peak_mb" in x for x in v):
+        rows.append(("CUDA peak (MB)", [f"{x['cuda_peak_mb']:.0f}" for x in v]))
+    rows.append(("peak above floor (MB)", [f"{x['peak_above_floor_mb']:.0f}" for x in v]))
+    for s in v[0]["stages"]:
+        cells = [f"{x['stages'][s]['s_per_step']:.3f} ({dyn_mb(x['stages'][s])})" for x in v]
+        rows.append((f"{s}: s/step (dyn. MB)", cells))
+    head = ["| | " + " | ".join(variants) + " |", "|---" * (len(v) + 1) + "|"]
+    return "\n".join(head + [f"| {name} | " + " | ".join(cells) + " |" for name, cells in rows])
+
+
+def fit(rows: list[dict]) -> dict:
+    """Per variant a least-squares line peak_above_floor = a + b·pixels: b_tbcm/b_scm is the ratio
+    that large images approach at this width, a the resolution-independent part (weights, optimiser
+    state)."""
+    px, fits = np.array([r["resolution"] ** 2 for r in rows], dtype=float), {}
+    for v in VARIANTS:
+        b, a = np.polyfit(px, [r[v]["peak_above_floor_mb"] for r in rows], 1)
+        fits[v] = {"mb_fixed": a, "mb_per_megapixel": b * 1e6}
+    b_scm = fits["scm"]["mb_per_megapixel"]
+    limits = {
+        f"{v}_over_scm_large_images": fits[v]["mb_per_megapixel"] / b_scm for v in VARIANTS[1:]
+    }
+    return {"fits": fits, "limits": limits}
+
+
+def sweep_table(res: dict) -> str:
+    """Peak memory per resolution and variant, sCM's DC-AE stage, the ratios, the fitted lines."""
+    out = [
+        "| resolution | sCM peak (MB) | TBCM | bank | sCM VAE-encode dyn. | TBCM/sCM | bank/sCM |"
+    ]
+    out.append("|---|---|---|---|---|---|---|")
+    for r in res["rows"]:
+        s, t, b = (r[v]["peak_rss_mb"] for v in VARIANTS)
+        vae = r["scm"]["dynamic_mem_mb"]["vae_encode"]
+        rel = f"{t / s:.2f} | {b / s:.2f}"
+        out.append(f"| {r['resolution']} px | {s:.0f} | {t:.0f} | {b:.0f} | {vae:.0f} | {rel} |")
+    f = res["fits"]
+    lines = [f"{v} {f[v]['mb_fixed']:.0f} MB + {f[v]['mb_per_megapixel']:.0f} MB/Mpx" for v in f]
+    limits = ", ".join(f"{k} {x:.2f}" for k, x in res["limits"].items())
+    out += ["", "peak above floor ≈ fixed + slope·pixels: " + ", ".join(lines)]
+    return "\n".join([*out, "ratios approached by large images at this width: " + limits])

@@ -1,0 +1,107 @@
+"""Plumbing that is not in the paper: precision, EMA, threads, data parallel, Ctrl-C, peak memory.
+
+Every function takes plain values (a device string, a decay), never the run's `Config`, so that any
+file may use them. Data parallel is an explicit gradient all-reduce, not `DistributedDataParallel`:
+forward-mode AD (the JVP of Alg. 1) does not pass through DDP's hooks.
+"""
+
+import os
+import resource
+import signal
+import sys
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+
+def autocast(device: str, precision: str):
+    """bf16 autocast around network passes if precision is "bf16"; weights, optimiser stay fp32."""
+    device_type = torch.device(device).type
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def set_threads(n: int) -> None:
+    """Intra-op threads of this process; 0 keeps torch's default (one per core)."""
+    if n > 0:
+        torch.set_num_threads(n)
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
+    """EMA of a model's parameters with the usual warm-up: β = min(decay, (1 + k)/(10 + k))."""
+    beta = min(decay, (1 + step) / (10 + step))
+    for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
+        p_ema.lerp_(p, 1 - beta)
+
+
+def dist_init() -> tuple[int, int]:
+    """Under torchrun: join the process group (gloo on CPU, NCCL on GPU); returns (rank, world)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world
+
+
+def barrier() -> None:
+    """Wait for all ranks (nothing in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+@contextmanager
+def rank0_first(rank: int) -> Iterator[None]:
+    """Rank 0 runs the block first (e.g. trains and caches a toy teacher), the other ranks after it.
+    Rank 0 releases the others even when its block fails, so that they fail the same way instead of
+    hanging."""
+    if rank > 0:
+        barrier()
+    try:
+        yield
+    finally:
+        if rank == 0:
+            barrier()
+
+
+def all_reduce_grads(params: Iterable[torch.nn.Parameter], world: int) -> None:
+    """Average the gradients over the ranks (what DDP does); a missing gradient counts as zero."""
+    # DEVIATION (code of Sana-Sprint and TBCM: DistributedDataParallel through accelerate); ours: an
+    # explicit all-reduce, as the JVP must run on the unwrapped module (forward AD does not pass
+    # DDP's hooks) — see tests/test_train.py::test_torchrun_two_processes_match_one
+    if world == 1:
+        return
+    for p in params:
+        p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+        dist.all_reduce(p.grad)
+        p.grad /= world
+
+
+@contextmanager
+def sigint_flag() -> Iterator[dict[str, bool]]:
+    """Ctrl-C sets flag["stop"] instead of raising, so the step ends cleanly; restored on exit."""
+    flag = {"stop": False}
+    old = signal.signal(signal.SIGINT, lambda *_: flag.update(stop=True))
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MB: Linux's VmHWM (ru_maxrss would carry a
+    larger parent's peak over fork and exec), elsewhere ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:")) / 1024
+    except OSError:
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return kb / 1024 if sys.platform != "darwin" else kb / 2**20  # macOS reports bytes
+
+
+def rss_mb() -> float:
+    """Current resident memory of this process in MB (Linux /proc)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
