@@ -62,8 +62,10 @@ def run(a) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = common.parser(__doc__.split("\n")[0])
-    p.add_argument("--n", type=int, default=512, help="samples (trajectories)")
-    p.add_argument("--N", type=int, default=40, help="times on the reference route (Eq. 9 steps)")
+    p.add_argument("--n", type=int, default=512, help="samples (trajectories) (default: 512)")
+    p.add_argument(
+        "--N", type=int, default=40, help="times on the reference route (Eq. 9 steps) (default: 40)"
+    )
     return common.main(run, p, argv)
 
 

@@ -159,26 +159,35 @@ def figure(T: backbones.Teacher, a, numbers: dict, shown: dict, ode, plt) -> Non
 def main(argv: list[str] | None = None) -> int:
     p = common.parser(__doc__.split("\n")[0])
     p.add_argument(
-        "--N", type=int, default=16, help="route length of the scheme comparison (Fig. 9a)"
+        "--N",
+        type=int,
+        default=16,
+        help="route length of the scheme comparison (Fig. 9a) (default: 16)",
     )
     p.add_argument(
         "--steps",
         type=lambda s: tuple(int(v) for v in s.split(",")),
         default=(8, 12, 16, 20),
-        help="route lengths of the reference-route comparison (Fig. 9b, Tab. 5)",
+        help="route lengths of the reference route (Fig. 9b, Tab. 5; default: 8,12,16,20)",
     )
     p.add_argument(
-        "--n", type=int, default=64, help="trajectories per route draw (same noises throughout)"
+        "--n",
+        type=int,
+        default=64,
+        help="trajectories per route draw (same noises throughout) (default: 64)",
     )
-    p.add_argument("--routes", type=int, default=8, help="route draws per panel")
+    p.add_argument("--routes", type=int, default=8, help="route draws per panel (default: 8)")
     p.add_argument(
         "--ref-N",
         type=int,
         default=64,
-        help="steps of the Flow-Euler route giving the ODE solution",
+        help="steps of the Flow-Euler route giving the ODE solution (default: 64)",
     )
     p.add_argument(
-        "--prompt", type=int, default=0, help="the trajectory shown is the one of this prompt"
+        "--prompt",
+        type=int,
+        default=0,
+        help="the trajectory shown is the one of this prompt (default: 0)",
     )
     return common.main(run, p, argv)
 

@@ -81,13 +81,24 @@ def run(a) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = common.parser(__doc__.split("\n")[0])
     p.add_argument(
-        "--N", type=int, default=16, help="times per route (paper Tab. 5; official code 16)"
+        "--N",
+        type=int,
+        default=16,
+        help="times per route (paper Tab. 5; official code 16) (default: 16)",
     )
-    p.add_argument("--draws", type=int, default=20000, help="routes per scheme for the density")
     p.add_argument(
-        "--P-mean", type=float, default=0.2, help="logit-normal (Sana-Sprint; paper Sec. 5.2)"
+        "--draws",
+        type=int,
+        default=20000,
+        help="routes per scheme for the density (default: 20000)",
     )
-    p.add_argument("--P-std", type=float, default=1.6, help="idem")
+    p.add_argument(
+        "--P-mean",
+        type=float,
+        default=0.2,
+        help="logit-normal (Sana-Sprint; paper Sec. 5.2) (default: 0.2)",
+    )
+    p.add_argument("--P-std", type=float, default=1.6, help="idem (default: 1.6)")
     return common.main(run, p, argv)
 
 

@@ -86,15 +86,21 @@ def run(a) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = common.parser(__doc__.split("\n")[0])
-    p.add_argument("--n", type=int, default=300, help="samples (trajectories) per process")
-    p.add_argument("--N", type=int, default=40, help="times on the reference route (Eq. 9 steps)")
+    p.add_argument(
+        "--n", type=int, default=300, help="samples (trajectories) per process (default: 300)"
+    )
+    p.add_argument(
+        "--N", type=int, default=40, help="times on the reference route (Eq. 9 steps) (default: 40)"
+    )
     p.add_argument(
         "--times",
         type=floats,
         default=(1.3, 0.9, 0.5, 0.1),
-        help="t-SNE at the route times nearest to these (comma-separated)",
+        help="t-SNE at the route times nearest to these (default: 1.3,0.9,0.5,0.1)",
     )
-    p.add_argument("--k", type=int, default=5, help="neighbours of the k-NN two-sample test")
+    p.add_argument(
+        "--k", type=int, default=5, help="neighbours of the k-NN two-sample test (default: 5)"
+    )
     return common.main(run, p, argv)
 
 
