@@ -1,4 +1,4 @@
-"""The command lines (STYLE.md, Config and CLI): every flag the code names exists as the parser
+"""The command lines: every flag the code names exists as the parser
 spells it; parsers refuse abbreviations and unknown flags with `error: …` and exit status 2;
 `--help` shows each field's help, default and preset values."""
 
@@ -161,7 +161,7 @@ def test_every_option_has_help():
 
 
 def test_help_shows_defaults():
-    """Each field's help shows its default (STYLE.md: `--help` shows the provenance)."""
+    """Each field's help shows its default (`--help` shows each field's provenance)."""
     helps = help_texts()
     bad = [
         f"{config.flag(f.name)} (default {f.default!r}): {helps.get(f.name)!r}"

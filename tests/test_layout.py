@@ -1,4 +1,4 @@
-"""The house rules of LAYOUT.md, read from the source with `ast` (no project module is imported):
+"""The house rules of the layout, read from the source with `ast` (no project module is imported):
 floors, imports at the top of a file, no circles, nobody imports train.py, line budgets, docstrings.
 
 A module is a top-level file (`trigflow`) or a file of analysis/ or bench/ (`analysis/common`).
@@ -12,11 +12,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = ("analysis", "bench")  # besides the top level, the folders whose .py files are modules
-BUDGET = 250  # lines per file (STYLE.md); train.py has no exemption
+BUDGET = 250  # lines per file; train.py has no exemption
 EXEMPTION = re.compile(r"Over 250 lines:\s*(\S[^\n]*)")  # in the module docstring, with the reason
 
-# LAYOUT.md's floors: a module imports only modules on strictly lower floors. A new file needs an
-# entry here (test_every_file_has_a_floor); entries for files not written yet are fine.
+# The floors (README, "Where each equation lives"): a module imports only modules on strictly
+# lower floors. A new file needs an entry here (test_every_file_has_a_floor).
 BY_FLOOR = {
     0: "trigflow brightness_filter runtime checkpoint toy sana_io report",
     1: "trajectory loss sampler config toy_teacher sana sana_tiny",
@@ -116,14 +116,14 @@ def all_imports() -> list[Import]:
 
 
 def test_every_file_has_a_floor():
-    """LAYOUT.md: every top-level, analysis/ and bench/ file sits on a floor (a new file forces a
+    """Every top-level, analysis/ and bench/ file sits on a floor (a new file forces a
     decision: add it to FLOORS in tests/test_layout.py)."""
     missing = sorted(set(modules()) - set(FLOORS))
     assert not missing, f"files with no floor in tests/test_layout.py FLOORS: {missing}"
 
 
 def test_imports_go_down():
-    """LAYOUT.md: a module imports only project modules on strictly lower floors."""
+    """A module imports only project modules on strictly lower floors."""
     bad = [
         f"{i.where}: {i.text}  ({i.module}, floor {FLOORS[i.module]}, imports {i.target}, "
         f"floor {FLOORS.get(i.target, 'none')})"
@@ -134,21 +134,21 @@ def test_imports_go_down():
 
 
 def test_project_imports_at_module_level():
-    """STYLE.md: project modules are imported at the top of a file, never inside a function or
+    """Project modules are imported at the top of a file, never inside a function or
     class (function-level imports are for heavy third-party libraries only)."""
     bad = [f"{i.where}: {i.text}  (inside {i.scope})" for i in all_imports() if i.scope]
     assert not bad, "project imports inside a function or class:\n" + "\n".join(bad)
 
 
 def test_nobody_imports_train():
-    """LAYOUT.md: no module imports train.py, the entry point (bench scripts included, whose
+    """No module imports train.py, the entry point (bench scripts included, whose
     `sys.path.insert` makes `from train import ...` exactly that)."""
     bad = [f"{i.where}: {i.text}" for i in all_imports() if i.target == "train"]
     assert not bad, "imports of train.py:\n" + "\n".join(bad)
 
 
 def test_no_import_cycles():
-    """STYLE.md: imports run one way, no circles (implied by the floors; checked on its own so a
+    """Imports run one way, no circles (implied by the floors; checked on its own so a
     circle is named edge by edge)."""
     edges: dict[str, dict[str, Import]] = {m: {} for m in modules()}
     for i in all_imports():
@@ -183,7 +183,7 @@ def test_no_import_cycles():
 
 
 def test_line_budgets():
-    """STYLE.md: about 250 lines per file; train.py at most 250, any other file only with
+    """About 250 lines per file; train.py at most 250, any other file only with
     'Over 250 lines: <reason>' in its module docstring."""
     bad = []
     for m, path in modules().items():
@@ -197,7 +197,7 @@ def test_line_budgets():
 
 
 def test_module_docstrings():
-    """STYLE.md: each module opens with a docstring (concept, equations, conventions)."""
+    """Each module opens with a docstring (concept, equations, conventions)."""
     bad = [
         str(path.relative_to(ROOT))
         for m, path in modules().items()
