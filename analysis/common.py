@@ -232,14 +232,14 @@ def write(a: argparse.Namespace, name: str, numbers: dict, fig: plt.Figure) -> N
 def show(ax: plt.Axes, x: torch.Tensor, kind: str, scale: float = 1.0) -> None:
     """One image panel of a sample x [C, H, W]: kind "image" in [−1, 1]; kind "noise" (Eq. 8's
     noise, a latent) in [−scale, scale] with a diverging map, or its first 3 channels as RGB."""
-    x = x.detach().float().cpu()
+    x = x.detach().float().cpu()  # matplotlib gets numpy arrays (tensors are deprecated there)
     if kind == "image":
-        img = ((x.clamp(-1, 1) + 1) / 2).permute(1, 2, 0)
+        img = ((x.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
         ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
     elif x.shape[0] == 1:
-        ax.imshow(x[0], cmap="RdBu_r", vmin=-scale, vmax=scale)
+        ax.imshow(x[0].numpy(), cmap="RdBu_r", vmin=-scale, vmax=scale)
     else:
-        ax.imshow(((x[:3] / scale).clamp(-1, 1) + 1).permute(1, 2, 0) / 2)
+        ax.imshow((((x[:3] / scale).clamp(-1, 1) + 1).permute(1, 2, 0) / 2).numpy())
     ax.set_xticks([]), ax.set_yticks([])
 
 
