@@ -169,7 +169,8 @@ def sweep(resolutions: list[int], root: Path, warmup: int, pretrained: str | Non
 def parser() -> Parser:
     p = Parser(description=__doc__.split("\n")[0], epilog="after --: train.py flags, for all")
     add = p.add_argument
-    add("--config", choices=sorted(CONFIGS), default="small-sana", help="(default: small-sana)")
+    setting = "small-sana: the paper's shapes at 1/8 width (default); tiny-sana; digits"
+    add("--config", choices=sorted(CONFIGS), default="small-sana", help=setting)
     add("--quick", action="store_true", help="small-sana at 256 px, 2 steps after 1 (default: off)")
     add("--steps", type=int, help="measured steps per variant (default: 5; --quick: 2)")
     add("--warmup", type=int, help="unmeasured steps before them (default: 2; --quick: 1)")
