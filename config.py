@@ -196,6 +196,11 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> typing.NoReturn:
         raise UsageError(message)
 
+    def parse_before_dashes(self, argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+        """This parser's flags before `--`; what follows it (train.py's flags) is returned as is."""
+        cut = argv.index("--") if "--" in argv else len(argv)
+        return self.parse_args(argv[:cut]), argv[cut + 1 :]
+
 
 def floats(s: str) -> tuple[float, ...]:
     """A comma-separated list of numbers, e.g. 1.5,2,2.5."""

@@ -207,10 +207,8 @@ def check(a, extra: list[str]) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    cut = argv.index("--") if "--" in argv else len(argv)
-    extra = argv[cut + 1 :]
     try:
-        a = parser().parse_args(argv[:cut])
+        a, extra = parser().parse_before_dashes(argv)
         resolutions = check(a, extra)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)

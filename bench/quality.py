@@ -135,10 +135,8 @@ def parser() -> Parser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    cut = argv.index("--") if "--" in argv else len(argv)
-    extra = argv[cut + 1 :]
     try:
-        a = parser().parse_args(argv[:cut])
+        a, extra = parser().parse_before_dashes(argv)
         path = ROOT / a.results / f"quality_{a.backbone}_{a.table}.json"
         if a.rewrite and not path.exists():
             raise UsageError(f"--rewrite: {path} does not exist (run the table first)")
