@@ -125,10 +125,9 @@ class SanaTeacher:
         try:  # every input is checked before anything is loaded
             prompts, self.image_paths, captions = sana_io.check_input(cfg)
             with sana_io.quiet_loading():
-                folder = sana_tiny.tiny_folder(cfg.cache_dir) if cfg.tiny else cfg.pretrained
-                self.parts = sana.load_sana(
-                    folder, cfg.device, torch.float32
-                )  # fp32 master weights
+                folder = sana_tiny.cached_folder(cfg.cache_dir) if cfg.tiny else cfg.pretrained
+                dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.frozen_precision]
+                self.parts = sana.load_sana(folder, cfg.device, dtype)  # frozen: no master copy
         except sana_io.SanaInputError as e:
             raise UsageError(str(e)) from e
         # the captions join the prompt table; image k has prompt image_prompt[k]
@@ -153,19 +152,19 @@ class SanaTeacher:
 
     def cond(self, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """TBCM Sec. 4.1: prompt indices [B] → (embeds [B, L, D], mask [B, L]), encoded once."""
-        idx = prompt.tolist()
+        idx, instruction = prompt.tolist(), not self.cfg.plain_prompts
         for i in dict.fromkeys(idx):
-            if (
-                i not in self._cache
-            ):  # one prompt per call, no autocast: the cache does not depend on the
-                # batch or the precision of whichever pass asked first
+            # one prompt per call, no autocast: the cache does not depend on the batch or the
+            # precision of whichever pass asked first
+            if i not in self._cache:
                 with torch.autocast(torch.device(self.device).type, enabled=False):
-                    self._cache[i] = sana.encode_prompts(self.parts, [self.prompt_names[i]], self.L)
+                    name = [self.prompt_names[i]]
+                    cond = sana.encode_prompts(self.parts, name, self.L, instruction=instruction)
+                    self._cache[i] = cond
         embeds = torch.cat([self._cache[i][0] for i in idx]).to(self.device)
         mask = torch.cat([self._cache[i][1] for i in idx]).to(self.device)
-        stale = [
-            k for k in self._cache if k not in set(idx)
-        ]  # oldest first (dicts keep insertion order)
+        # oldest first (dicts keep insertion order)
+        stale = [k for k in self._cache if k not in set(idx)]
         for k in stale[: max(0, len(self._cache) - sana.CACHED_PROMPTS)]:
             del self._cache[k]
         return embeds, mask
@@ -180,8 +179,7 @@ class SanaTeacher:
         pixels = torch.stack(
             [sana_io.load_image(self.image_paths[j], self.resolution) for j in k.tolist()]
         )
-        B = sana.VAE_BATCH
-        x0 = torch.cat([sana.encode_images(self.parts, pixels[i : i + B]) for i in range(0, n, B)])
+        x0 = sana.encode_images(self.parts, pixels, self.cfg.vae_batch)
         return x0.to(self.device, torch.float32), self.image_prompt[k].to(self.device)
 
     def evaluate(
@@ -198,11 +196,8 @@ class SanaTeacher:
 
     def to_images(self, x0: torch.Tensor) -> torch.Tensor:
         """SanaPipeline decode: FM latents [B, C, h, w] → images [B, 3, H, W] in [−1, 1]."""
-        B = sana.VAE_BATCH
-        return (
-            2 * torch.cat([sana.decode(self.parts, x0[i : i + B]) for i in range(0, len(x0), B)])
-            - 1
-        )
+        B = self.cfg.vae_batch
+        return 2 * torch.cat([sana.decode(self.parts, x) for x in x0.split(B)]) - 1
 
     def export(self, student: nn.Module, folder: Path) -> None:
         """A SanaSprintPipeline folder: the student's transformer with the teacher's other parts."""
@@ -234,7 +229,7 @@ def build_student(cfg: Config) -> tuple[nn.Module, str]:
     what training from an offline bank needs (no text encoder, no VAE)."""
     if cfg.backbone == "sana":
         try:
-            folder = sana_tiny.tiny_folder(cfg.cache_dir) if cfg.tiny else cfg.pretrained
+            folder = sana_tiny.cached_folder(cfg.cache_dir) if cfg.tiny else cfg.pretrained
             tr, scale = sana.load_transformer(folder, cfg.device)
         except sana_io.SanaInputError as e:
             raise UsageError(str(e)) from e

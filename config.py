@@ -95,6 +95,12 @@ class Config:
     grad_checkpointing: bool = False  # sana: recompute activations in the gradient pass (the JVP
     # runs under no_grad, where diffusers skips checkpointing)
     max_sequence_length: int = 0  # sana: text tokens per prompt (0: 300 as SanaPipeline; --tiny 16)
+    plain_prompts: bool = False  # sana: encode prompts without the complex human instruction
+    # prefix that SanaPipeline, SanaSprintPipeline and the TBCM code put before every prompt
+    frozen_precision: Literal["fp32", "bf16"] = "fp32"  # sana: dtype of the frozen teacher and
+    # text encoder (bf16 as the released checkpoints; the student is always fp32)
+    vae_batch: int = 8  # sana: images per DC-AE call (sCM's real images, decoding); sCM's peak
+    # memory grows with it (bench/cost.py)
     bank: str = ""  # train from an offline bank of pairs (bank.py build): no teacher, text encoder
     # or VAE while training
     resume: bool = False  # continue the run in --out from its latest checkpoint
@@ -156,10 +162,10 @@ PRESETS: dict[str, dict[str, tuple[Any, str]]] = {  # field → (value, where it
 # is an error), those saying where the teacher is unless given. BANK_VERSION: the manifest schema.
 PAIR_FIELDS = tuple(
     "backbone scheme N shift P_mean P_std prompts K pool_steps cfg_scales sigma_d tiny resolution "
-    "max_sequence_length teacher_steps".split()
+    "max_sequence_length plain_prompts frozen_precision teacher_steps".split()
 )
 SOURCE_FIELDS = ("pretrained", "prompts_file", "cache_dir", "data_dir")
-BANK_VERSION = 1
+BANK_VERSION = 2  # 2: plain_prompts and frozen_precision define the pairs
 
 
 def flag(name: str) -> str:
@@ -292,6 +298,7 @@ AT_LEAST = dict(
     teacher_steps=0,
     threads=0,
     max_sequence_length=0,
+    vae_batch=1,
 )
 POSITIVE = ("lr", "grad_clip", "c", "sigma_d", "fd_eps", "filter_threshold")
 IN = dict(r_final="[0, 1]", ema_decay="[0, 1)", t_min="[0, π/2)", t_mid="(0, π/2)")
@@ -311,7 +318,14 @@ def validate(cfg: Config, run_dir: bool = True) -> None:
     bad += [f"{f(k)} must be in {IN[k]}" for k, ok in ok_in.items() if not ok]
     bad += [f"{f('cfg_scales')} must be >= 0"] * (min(c.cfg_scales) < 0)
     bad += [f"{f('resume')} and {f('overwrite')} exclude each other"] * (c.resume and c.overwrite)
-    sana_only = ("pretrained", "prompts_file", "images", "tiny", "grad_checkpointing")
+    sana_only = (
+        "pretrained",
+        "prompts_file",
+        "images",
+        "tiny",
+        "grad_checkpointing",
+        "plain_prompts",
+    )
     if c.backbone != "sana" and any(getattr(c, k) for k in sana_only):
         bad.append(", ".join(map(f, sana_only)) + f" are for {f('backbone')} sana")
     if c.backbone == "cifar10" and not c.data_dir:

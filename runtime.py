@@ -5,6 +5,7 @@ file may use them. Data parallel is an explicit gradient all-reduce, not `Distri
 forward-mode AD (the JVP of Alg. 1) does not pass through DDP's hooks.
 """
 
+import copy
 import os
 import resource
 import signal
@@ -29,8 +30,16 @@ def set_threads(n: int) -> None:
 
 
 @torch.no_grad()
+def ema_of(model: torch.nn.Module, decay: float) -> torch.nn.Module:
+    """The EMA's module: a frozen copy of model, or with decay 0 the model itself (the raw student
+    is the evaluated one; no second copy of its weights, as the TBCM code runs without EMA)."""
+    return model if decay == 0 else copy.deepcopy(model).requires_grad_(False).eval()
+
+
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
     """EMA of a model's parameters with the usual warm-up: β = min(decay, (1 + k)/(10 + k))."""
+    if ema is model:  # decay 0 (ema_of)
+        return
     beta = min(decay, (1 + step) / (10 + step))
     for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
         p_ema.lerp_(p, 1 - beta)

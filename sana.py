@@ -3,10 +3,15 @@ flow-matching velocity v(x_FM, s, cond) that trigflow.TrigFlow turns into F, pro
 Sana-Sprint student, JVP-safe cross-attention, DC-AE encode/decode, the black latent, export.
 t ∈ [0, π/2], t = 0 is data, σ_d = 0.5; FM latent = DC-AE latent × scaling_factor; TrigFlow x0 =
 σ_d·(FM latent). The transformer sees flow time s ∈ [0, 1] × timestep_scale, never integer-cast.
+Over 250 lines: the whole diffusers surface of Sana in one place (loading, the time feed, prompts as
+the pipelines encode them, the student, fp32 cross-attention, the DC-AE, export).
 """
 
+import inspect
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +22,15 @@ from sana_io import LAYOUT, TEACHER_REPO, SanaInputError, check_folder
 
 MAX_SEQUENCE_LENGTH = 300  # SanaPipeline's and Sana-Sprint's default
 CACHED_PROMPTS = 256  # prompt encodings kept (real Sana: 300 × 2304 fp32 ≈ 2.8 MB each)
-VAE_BATCH = 8  # images per DC-AE encode/decode call
+
+
+def complex_human_instruction() -> list[str]:
+    """SanaSprintPipeline.__call__'s default complex_human_instruction (SanaPipeline's too), read
+    from the installed diffusers: lines that, newline-joined, go before every prompt."""
+    from diffusers import SanaSprintPipeline
+
+    call = inspect.signature(SanaSprintPipeline.__call__)
+    return list(call.parameters["complex_human_instruction"].default)
 
 
 @dataclass
@@ -34,6 +47,16 @@ class SanaParts:
     vae_scale_factor: int  # pixels per latent cell: 2^(len(encoder_block_out_channels) − 1)
 
 
+@contextmanager
+def malformed(folder: Path) -> Iterator[None]:
+    """Whatever the loader raises, the folder is malformed: one SanaInputError naming it."""
+    try:
+        yield
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise SanaInputError(f"{folder}: cannot load ({reason}); {LAYOUT}") from e
+
+
 def load_sana(folder: str | Path, device: torch.device | str, dtype: torch.dtype) -> SanaParts:
     """diffusers SanaPipeline folder → SanaParts (transformer, text encoder in dtype; VAE fp32)."""
     folder = check_folder(folder)
@@ -41,11 +64,8 @@ def load_sana(folder: str | Path, device: torch.device | str, dtype: torch.dtype
 
     # The DC-AE stays in float32, as Sana's own training code keeps it.
     dtypes = {"transformer": dtype, "text_encoder": dtype, "default": torch.float32}
-    try:
+    with malformed(folder):
         pipe = SanaPipeline.from_pretrained(folder, dtype=dtypes, local_files_only=True)
-    except Exception as e:  # whatever the loader raises, the folder is malformed
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise SanaInputError(f"{folder}: cannot load ({reason}); {LAYOUT}") from e
     # SanaPipeline feeds scheduler timesteps (num_train_timesteps·s) × config.timestep_scale.
     n_train = pipe.scheduler.config.get("num_train_timesteps", 1000)
     return SanaParts(
@@ -66,12 +86,9 @@ def load_transformer(folder: str | Path, device: torch.device | str) -> tuple[An
     from diffusers import SanaTransformer2DModel
 
     folder = check_folder(folder)
-    try:
+    with malformed(folder):
         tr = SanaTransformer2DModel.from_pretrained(folder / "transformer", local_files_only=True)
         sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    except Exception as e:  # whatever the loader raises, the folder is malformed
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise SanaInputError(f"{folder}: cannot load ({reason}); {LAYOUT}") from e
     scale = float(sched.get("num_train_timesteps", 1000) * tr.config.timestep_scale)
     return tr.to(device).eval().requires_grad_(False), scale
 
@@ -109,41 +126,35 @@ class SanaVelocity(torch.nn.Module):
 
 
 def encode_prompts(
-    parts: SanaParts,
-    prompts: list[str],
-    max_sequence_length: int = MAX_SEQUENCE_LENGTH,
-    complex_human_instruction: list[str] | None = None,
+    parts: SanaParts, prompts: list[str], max_sequence_length: int, *, instruction: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """diffusers SanaPipeline.encode_prompt: prompts → (prompt_embeds [B, L, D], mask [B, L])."""
+    """diffusers SanaSprintPipeline.__call__'s encoding: prompts → (embeds [B, L, D], mask [B, L]).
+    instruction: complex_human_instruction() before each prompt, as the pipelines and the TBCM code
+    do by default; Gemma reads n_chi + L − 2 tokens, BOS + the last L − 1 are kept: the prompt's,
+    seen in the instruction's context (from its last token on if the tokenizer splits that off).
+    Else (--plain-prompts) the prompt alone, L tokens."""
     from diffusers import SanaPipeline
 
-    pipe = SanaPipeline(
-        tokenizer=parts.tokenizer,
-        text_encoder=parts.text_encoder,
-        vae=None,
-        transformer=None,
-        scheduler=None,
-    )
+    pipe = SanaPipeline(parts.tokenizer, parts.text_encoder, None, None, None)  # text only
     with torch.no_grad():
         embeds, mask, _, _ = pipe.encode_prompt(
             list(prompts),
             do_classifier_free_guidance=False,
             device=parts.text_encoder.device,
             max_sequence_length=max_sequence_length,
-            complex_human_instruction=complex_human_instruction,
+            complex_human_instruction=complex_human_instruction() if instruction else None,
         )
     return embeds, mask
 
 
-def empty_prompt(
-    parts: SanaParts, max_sequence_length: int = MAX_SEQUENCE_LENGTH
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """diffusers SanaPipeline negative prompt "": the batch-1 unconditional cond of teacher CFG."""
-    return encode_prompts(parts, [""], max_sequence_length)
+def empty_prompt(parts: SanaParts, max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """diffusers SanaPipeline.encode_prompt's negative prompt "" under CFG, the batch-1 uncond of
+    teacher CFG: L tokens, never the instruction (whatever --plain-prompts says)."""
+    return encode_prompts(parts, [""], max_sequence_length, instruction=False)
 
 
 def make_student(teacher: Any, timestep_scale: float) -> Any:
-    """Sana-Sprint student: the teacher's weights + a guidance embedding (fed 0.1·w) at zero.
+    """Sana-Sprint student (fp32): the teacher's weights + a guidance embedding (fed 0.1·w) at 0.
 
     diffusers sums guidance_embedder(0.1·w) into the time embedding
     (SanaCombinedTimestepGuidanceEmbeddings). Zeroing its last linear makes the student equal the
@@ -173,12 +184,14 @@ def make_student(teacher: Any, timestep_scale: float) -> Any:
         raise ValueError(f"teacher → student weight map failed: {missing=}, {unexpected=}")
     torch.nn.init.zeros_(student.time_embed.guidance_embedder.linear_2.weight)
     torch.nn.init.zeros_(student.time_embed.guidance_embedder.linear_2.bias)
-    # Plain Module.to: diffusers' ModelMixin.to logs a float32-modules warning on any dtype cast.
-    return torch.nn.Module.to(student, teacher.device, teacher.dtype)
+    # fp32 master weights whatever the teacher's dtype. Plain Module.to: diffusers' ModelMixin.to
+    # logs a float32-modules warning on any dtype cast.
+    return torch.nn.Module.to(student, teacher.device, torch.float32)
 
 
 class MatmulAttnProcessor:
-    """diffusers SanaAttnProcessor2_0, softmax(q·kᵀ/√d + mask)·v spelled out: forward AD works."""
+    """diffusers SanaAttnProcessor2_0 spelled out so that forward AD works: softmax(q·kᵀ/√d + mask)
+    ·v in float32 (float64 kept) with autocast off, as the official code casts q, k, v "for sCM"."""
 
     def __call__(
         self,
@@ -194,15 +207,18 @@ class MatmulAttnProcessor:
             q = attn.norm_q(q)
         if attn.norm_k is not None:
             k = attn.norm_k(k)
-        d = k.shape[-1] // attn.heads
-        # [B, heads, N, d]
-        q, k, v = (a.view(B, -1, attn.heads, d).transpose(1, 2) for a in (q, k, v))
-        scores = q @ k.transpose(-2, -1) / math.sqrt(d)  # SDPA's default scale
-        if attention_mask is not None:  # additive bias [B, 1, L] → [B, heads, 1, L], as for SDPA
-            mask = attn.prepare_attention_mask(attention_mask, context.shape[1], B)
-            scores = scores + mask.view(B, attn.heads, -1, mask.shape[-1])
-        out = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, -1, attn.heads * d)
-        return attn.to_out[1](attn.to_out[0](out.to(q.dtype))) / attn.rescale_output_factor
+        d, fp = k.shape[-1] // attn.heads, torch.promote_types(q.dtype, torch.float32)
+        with torch.autocast(context.device.type, enabled=False):
+            # [B, heads, N, d]
+            q, k, v = (a.to(fp).view(B, -1, attn.heads, d).transpose(1, 2) for a in (q, k, v))
+            scores = q @ k.transpose(-2, -1) / math.sqrt(d)  # SDPA's default scale
+            if attention_mask is not None:  # additive [B, 1, L] → [B, heads, 1, L], as for SDPA
+                mask = attn.prepare_attention_mask(attention_mask, context.shape[1], B)
+                scores = scores + mask.view(B, attn.heads, -1, mask.shape[-1]).to(fp)
+            out = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, -1, attn.heads * d)
+        # back to the input's dtype: under autocast to_out[0] still runs in bf16, as before
+        out = out.to(hidden_states.dtype)
+        return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
 
 
 def jvp_safe(model: torch.nn.Module) -> torch.nn.Module:
@@ -216,16 +232,18 @@ def jvp_safe(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def encode_images(parts: SanaParts, images: torch.Tensor) -> torch.Tensor:
-    """Images in [−1, 1] [B, 3, H, W] → FM latents (DC-AE latent × scaling_factor) [B, C, h, w]."""
+def encode_images(parts: SanaParts, images: torch.Tensor, per_call: int) -> torch.Tensor:
+    """Images in [−1, 1] [B, 3, H, W] → FM latents (DC-AE latent × scaling_factor) [B, C, h, w],
+    `per_call` images per DC-AE call (its activations grow with it)."""
+    vae = parts.vae
     with torch.no_grad():
-        latent = parts.vae.encode(images.to(parts.vae.device, parts.vae.dtype)).latent
-    return latent * parts.scaling_factor
+        x = [vae.encode(x.to(vae.device, vae.dtype)).latent for x in images.split(per_call)]
+    return torch.cat(x) * parts.scaling_factor
 
 
 def black_latent(parts: SanaParts, height: int, width: int) -> torch.Tensor:
     """TBCM Sec. 4.3: FM latent [1, C, h, w] of the all-black image (pixels −1), height × width."""
-    return encode_images(parts, -torch.ones(1, 3, height, width))
+    return encode_images(parts, -torch.ones(1, 3, height, width), 1)
 
 
 def decode(parts: SanaParts, x0_fm: torch.Tensor) -> torch.Tensor:
@@ -240,11 +258,8 @@ def export_student(student: Any, parts: SanaParts, out_dir: str | Path) -> Path:
     """diffusers SanaSprintPipeline folder: student, teacher's text encoder/tokenizer/VAE, SCM."""
     from diffusers import SanaSprintPipeline, SCMScheduler
 
-    SanaSprintPipeline(
-        tokenizer=parts.tokenizer,
-        text_encoder=parts.text_encoder,
-        vae=parts.vae,
-        transformer=student,
-        scheduler=SCMScheduler(),
-    ).save_pretrained(out_dir)
+    pipe = SanaSprintPipeline(
+        parts.tokenizer, parts.text_encoder, parts.vae, student, SCMScheduler()
+    )
+    pipe.save_pretrained(out_dir)
     return Path(out_dir)

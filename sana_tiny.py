@@ -1,9 +1,11 @@
 """Random SanaPipelines built offline, for tests and benchmarks without a download: the Sana-Sprint
-teacher's features (QK-norm, timestep_scale 0.001, flow shift 3) at reduced shapes (SIZES), and the
-tiny one cached once per diffusers / transformers version. Its folders load as any local Sana
+teacher's features (QK-norm, timestep_scale 0.001, flow shift 3) at reduced or the paper's shapes
+(SIZES), each cached once per diffusers / transformers version. Its folders load as any local Sana
 folder does (sana.load_sana).
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
 
@@ -92,18 +94,56 @@ SIZES = {
             **_DCAE_F32C32,
         ),
     ),
+    # The paper's shapes (random weights, for bench/cost.py --config paper-sana): the Sana-Sprint
+    # 0.6B 1024 px teacher (Sana-0.6B: 28 layers × 1152, 36 self-attention heads of 32, 16 cross-
+    # attention heads of 72, caption 2304; 591.9 M parameters), Gemma-2-2B (transformers'
+    # Gemma2Config defaults are gemma-2-2b's: 26 × 2304, vocabulary 256000; 2.61 B) and the DC-AE
+    # f32c32 of Sana 1.0 (AutoencoderDC's default widths; 312 M).
+    "paper": dict(
+        text=dict(vocab_size=256000),
+        transformer=dict(
+            in_channels=32,
+            out_channels=32,
+            num_layers=28,
+            num_attention_heads=36,
+            attention_head_dim=32,
+            num_cross_attention_heads=16,
+            cross_attention_head_dim=72,
+            cross_attention_dim=1152,
+            caption_channels=2304,
+            sample_size=32,
+        ),
+        vae=dict(latent_channels=32, attention_head_dim=32, **_DCAE_F32C32),
+    ),
 }
+# Saved dtypes: the released Sana-Sprint teacher and Gemma-2-2B are bf16; the DC-AE stays fp32.
+DTYPES = {"paper": dict(text=torch.bfloat16, transformer=torch.bfloat16)}
+
+
+@contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Modules built inside are created in dtype: a 2.6 B Gemma never exists in fp32 (10.5 GB)."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
 
 
 def build_pipeline(out_dir: str | Path, seed: int = 0, size: str = "tiny") -> Path:
     """Offline stand-in for the Sana-Sprint teacher: a seeded random SanaPipeline with its features
     and the shapes SIZES[size], saved to out_dir (no download)."""
-    from diffusers import (
-        AutoencoderDC,
-        FlowMatchEulerDiscreteScheduler,
-        SanaPipeline,
-        SanaTransformer2DModel,
-    )
+    from diffusers import SanaPipeline
+
+    SanaPipeline(**build_modules(seed, size)).save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def build_modules(seed: int, size: str) -> dict:
+    """build_pipeline's SanaPipeline components, each created in its DTYPES dtype (on the meta
+    device under `with torch.device("meta")`: shapes without memory)."""
+    from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaTransformer2DModel
     from transformers import Gemma2Config, Gemma2Model, GemmaTokenizer
 
     # Byte-fallback vocabulary: specials, the 256 bytes, a few characters; no merges, no download.
@@ -113,25 +153,22 @@ def build_pipeline(out_dir: str | Path, seed: int = 0, size: str = "tiny") -> Pa
     for ch in "▁abcdefghijklmnopqrstuvwxyz0123456789":
         vocab[ch] = len(vocab)
     tokenizer = GemmaTokenizer(vocab=vocab, merges=[], add_bos_token=True)
-    shape = SIZES[size]
+    shape, dtypes = SIZES[size], DTYPES.get(size, {})
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        text_encoder = Gemma2Model(
-            Gemma2Config(
-                vocab_size=len(tokenizer),
-                max_position_embeddings=4096,
-                attn_implementation="eager",
-                **shape["text"],
-            )
-        )
+        # the paper's Gemma-2-2B keeps its vocabulary of 256000 beside this byte tokenizer
+        text = dict(vocab_size=len(tokenizer), max_position_embeddings=4096) | shape["text"]
+        with default_dtype(dtypes.get("text", torch.float32)):
+            text_encoder = Gemma2Model(Gemma2Config(attn_implementation="eager", **text))
         # Sana-Sprint teacher: QK-norm, and timestep_scale 0.001 so that SanaPipeline feeds s
         # (diffusers PR #11150).
-        transformer = SanaTransformer2DModel(
-            patch_size=1,
-            qk_norm="rms_norm_across_heads",
-            timestep_scale=0.001,
-            **shape["transformer"],
-        )
+        with default_dtype(dtypes.get("transformer", torch.float32)):
+            transformer = SanaTransformer2DModel(
+                patch_size=1,
+                qk_norm="rms_norm_across_heads",
+                timestep_scale=0.001,
+                **shape["transformer"],
+            )
         vae = AutoencoderDC(
             in_channels=3,
             downsample_block_type="conv",
@@ -140,25 +177,19 @@ def build_pipeline(out_dir: str | Path, seed: int = 0, size: str = "tiny") -> Pa
             **shape["vae"],
         )
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)  # Sana's flow shift at 1024 px
-    SanaPipeline(
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        vae=vae,
-        transformer=transformer,
-        scheduler=scheduler,
-    ).save_pretrained(out_dir)
-    return Path(out_dir)
+    modules = dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer)
+    return modules | dict(scheduler=scheduler)
 
 
-def tiny_folder(cache_dir: str | Path) -> Path:
-    """build_pipeline (seed 0, "tiny") once per diffusers/transformers version under cache_dir.
+def cached_folder(cache_dir: str | Path, size: str = "tiny") -> Path:
+    """build_pipeline (seed 0, `size`) once per diffusers/transformers version under cache_dir.
 
     Shared, not per process: under torchrun transformers' save_pretrained writes on rank 0 only,
     and train.py lets rank 0 build first. Built under a temporary name, then renamed into place;
     a folder another process renamed into place first is kept.
     """
-    final = Path(cache_dir) / f"sana-tiny-{version('diffusers')}-{version('transformers')}"
+    final = Path(cache_dir) / f"sana-{size}-{version('diffusers')}-{version('transformers')}"
     if not (final / "model_index.json").is_file():
         with atomic_path(final, replace=False) as tmp:
-            build_pipeline(tmp)
+            build_pipeline(tmp, size=size)
     return final

@@ -17,7 +17,6 @@ Around it, not in the paper: config.py (flags), runtime.py (EMA, data parallel, 
 checkpoint.py, metrics.evaluate_samplers (teacher@N, student@1/2/4), report.py (figures).
 """
 
-import copy
 import dataclasses
 import json
 import os
@@ -44,6 +43,7 @@ from runtime import (
     all_reduce_grads,
     autocast,
     dist_init,
+    ema_of,
     ema_update,
     peak_rss_mb,
     rank0_first,
@@ -65,11 +65,11 @@ def train(cfg: Config, student: nn.Module, source: PairSource, run: Path, rank=0
     """
     torch.manual_seed(cfg.seed)
     student, head = student.train(), LogvarHead().to(cfg.device)  # line 2: θ from the teacher; φ
-    ema = copy.deepcopy(student).requires_grad_(False).eval()
+    ema = ema_of(student, cfg.ema_decay)
     params = [p for p in student.parameters() if p.requires_grad] + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     F_theta = TrigFlow(student, guidance_scale=cfg.guidance_scale)
-    modules = dict(student=student, head=head, ema=ema)
+    modules = dict(student=student, head=head) | ({} if ema is student else dict(ema=ema))
     per_rank = cfg.prompts // world
     slots, per_step = range(rank * per_rank, (rank + 1) * per_rank), per_rank * cfg.K * (cfg.N - 1)
     r_of = dict(H=cfg.H, S_r=cfg.S_r, T_r=cfg.T_r, r_final=cfg.r_final, direct=cfg.r_direct)

@@ -3,7 +3,6 @@ timer around each stage; bench/cost_worker.py runs it. The same draws and passes
 3 steps give train.train's student bit for bit (tests/test_bench.py).
 """
 
-import copy
 import sys
 import threading
 import time
@@ -34,7 +33,7 @@ from pairs import (
     rollout_inputs,
     seeded,
 )
-from runtime import autocast, ema_update, rss_mb
+from runtime import autocast, ema_of, ema_update, rss_mb
 from trajectory import forward_pairs, logit_normal_times, rollout
 from trigflow import TrigFlow
 
@@ -143,8 +142,7 @@ class TimedSCM(SCMPairs):
             paths = [T.image_paths[j] for j in k.tolist()]
             pixels = torch.stack([sana_io.load_image(path, T.resolution) for path in paths])
         with self.stage("vae_encode"):
-            B = sana.VAE_BATCH
-            x0 = torch.cat([sana.encode_images(T.parts, pixels[i : i + B]) for i in range(0, n, B)])
+            x0 = sana.encode_images(T.parts, pixels, self.cfg.vae_batch)
             return x0.to(T.device, torch.float32), T.image_prompt[k].to(T.device)
 
     def part(self, pool: int, part: int, slots: range) -> Batch:
@@ -205,7 +203,7 @@ def train_steps(
     after `warmup` steps. Returns the modules and the times of each step's start and the end."""
     torch.manual_seed(cfg.seed)
     student, head = student.train(), LogvarHead().to(cfg.device)  # line 2: θ from the teacher; φ
-    ema = copy.deepcopy(student).requires_grad_(False).eval()
+    ema = ema_of(student, cfg.ema_decay)
     params = [p for p in student.parameters() if p.requires_grad] + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     F_theta = TrigFlow(student, guidance_scale=cfg.guidance_scale)

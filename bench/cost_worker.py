@@ -92,7 +92,12 @@ def extras(cfg: Config, Ks: tuple[int, ...] = (1, 2, 4, 8)) -> dict:
     ):  # one caption per sCM pair, one prompt per K·(N − 1)
         names = iter(range(10**6))
         enc = median_s(
-            lambda: sana.encode_prompts(teacher.parts, [f"prompt {next(names)}"], teacher.L)
+            lambda: sana.encode_prompts(
+                teacher.parts,
+                [f"prompt {next(names)}"],
+                teacher.L,
+                instruction=not cfg.plain_prompts,
+            )
         )
         by_K = {K: enc / (K * per_traj) for K in Ks}
         res["text_encode"] = dict(s_per_prompt=enc, scm_s_per_pair=enc, tbcm_s_per_pair_by_K=by_K)

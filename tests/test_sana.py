@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+import backbones
 import sana
 import sana_io
 import sana_tiny
+from config import parse_args
 from trigflow import SIGMA_D, TrigFlow, trig_time, x0_from_F
 
 L = 8  # max_sequence_length: keeps text encoding tiny
@@ -94,7 +96,7 @@ def test_velocity_matches_sana_pipeline(parts, tiny):
     assert 0 < s_sched[1] < 1 and len(fed) == 2
 
     v = sana.SanaVelocity(parts.transformer, parts.timestep_scale)
-    cond = sana.encode_prompts(parts, PROMPTS, L)
+    cond = sana.encode_prompts(parts, PROMPTS, L, instruction=False)
     ours = []
     hook = _record_kwargs(parts.transformer, "timestep", ours)
     for s in s_sched[:-1]:
@@ -124,7 +126,7 @@ def test_student_equals_teacher_at_init(parts):
     assert student.config.qk_norm == parts.transformer.config.qk_norm == "rms_norm_across_heads"
     assert student.transformer_blocks[0].attn2.norm_q is not None
     x, s = torch.randn(2, 4, 8, 8), torch.tensor([0.2, 0.9])
-    cond = sana.encode_prompts(parts, PROMPTS, L)
+    cond = sana.encode_prompts(parts, PROMPTS, L, instruction=False)
     with torch.no_grad():
         v_teacher = sana.SanaVelocity(parts.transformer, parts.timestep_scale)(x, s, cond)
         for g in (torch.tensor([0.0, 0.45]), torch.tensor([1.0, 7.0])):
@@ -142,7 +144,7 @@ def test_jvp_safe_matches_forward_and_finite_difference(parts):
     from diffusers.models.attention_processor import SanaLinearAttnProcessor2_0
 
     student = _student(parts)
-    cond, w = sana.encode_prompts(parts, PROMPTS, L), torch.tensor([4.0, 5.0])
+    cond, w = sana.encode_prompts(parts, PROMPTS, L, instruction=False), torch.tensor([4.0, 5.0])
     v = sana.SanaVelocity(student, 1.0)
     F = TrigFlow(v, guidance_scale=0.1)
     g = torch.Generator().manual_seed(2)
@@ -188,7 +190,7 @@ def test_export_student_matches_sprint_pipeline(parts, tmp_path):
         complex_human_instruction=None,
     )
     F = TrigFlow(sana.SanaVelocity(student, 1.0), guidance_scale=0.1)
-    cond, w = sana.encode_prompts(parts, PROMPTS, L), torch.full((2,), 4.5)
+    cond, w = sana.encode_prompts(parts, PROMPTS, L, instruction=False), torch.full((2,), 4.5)
 
     steps, step = [], pipe.scheduler.step  # record (σ_d·F, t, x_t) as the pipeline passes them
 
@@ -230,7 +232,8 @@ def test_black_latent_and_image_folder(parts, tmp_path):
     (tmp_path / "b.txt").write_text("noise")
     paths, captions = sana_io.image_folder(tmp_path)
     pixels = torch.stack([sana_io.load_image(path, 32) for path in paths])  # [2, 3, 32, 32]
-    latents = sana.encode_images(parts, pixels)
+    latents = sana.encode_images(parts, pixels, 8)
+    assert torch.allclose(sana.encode_images(parts, pixels, 1), latents, atol=1e-5)  # per call
     assert captions == ["a black square", "noise"] and latents.shape == (2, 4, 4, 4)
     black = sana.black_latent(parts, 32, 32)
     torch.testing.assert_close(latents[:1], black, rtol=1e-5, atol=1e-5)
@@ -242,12 +245,12 @@ def test_black_latent_and_image_folder(parts, tmp_path):
     assert images.shape == (2, 3, 32, 32) and images.min() >= 0 and images.max() <= 1
 
 
-def test_tiny_folder_built_once_and_kept(tmp_path, monkeypatch):
-    """tiny_folder: built under a temporary name, renamed into place; a folder another process
+def test_cached_folder_built_once_and_kept(tmp_path, monkeypatch):
+    """cached_folder: built under a temporary name, renamed into place; a folder another process
     renamed into place first is kept; a complete folder is not rebuilt."""
     built = []
 
-    def fake_build(out_dir, rival=None):
+    def fake_build(out_dir, rival=None, size="tiny"):
         built.append(out_dir)
         (out_dir / "model_index.json").parent.mkdir(parents=True)
         (out_dir / "model_index.json").write_text("ours")
@@ -256,14 +259,14 @@ def test_tiny_folder_built_once_and_kept(tmp_path, monkeypatch):
             (rival / "model_index.json").write_text("theirs")
 
     monkeypatch.setattr(sana_tiny, "build_pipeline", fake_build)
-    final = sana_tiny.tiny_folder(tmp_path / "a")
+    final = sana_tiny.cached_folder(tmp_path / "a")
     assert built[0].name.startswith(".tmp-") and (final / "model_index.json").read_text() == "ours"
-    assert sana_tiny.tiny_folder(tmp_path / "a") == final and len(built) == 1
+    assert sana_tiny.cached_folder(tmp_path / "a") == final and len(built) == 1
     name = final.name
     monkeypatch.setattr(
-        sana_tiny, "build_pipeline", lambda out: fake_build(out, rival=tmp_path / "b" / name)
+        sana_tiny, "build_pipeline", lambda out, size: fake_build(out, rival=tmp_path / "b" / name)
     )
-    final = sana_tiny.tiny_folder(tmp_path / "b")
+    final = sana_tiny.cached_folder(tmp_path / "b")
     assert (final / "model_index.json").read_text() == "theirs"
     assert [p.name for p in (tmp_path / "b").iterdir()] == [name]  # no temporary left behind
 
@@ -282,3 +285,41 @@ def test_input_errors_are_one_line(tmp_path):
         with pytest.raises(sana_io.SanaInputError) as e:
             bad()
         assert isinstance(e.value, ValueError) and "\n" not in str(e.value)
+
+
+def test_paper_size_shapes_on_the_meta_device():
+    """SIZES["paper"], built on the meta device (no memory): the Sana-Sprint 0.6B transformer
+    (591.9 M), Gemma-2-2B (2.61 B, vocabulary 256000) in bf16 from the start (never an fp32 copy),
+    the DC-AE f32c32 (312.3 M, encoder 153.0 M) in fp32."""
+    with torch.device("meta"):
+        m = sana_tiny.build_modules(0, "paper")
+
+    def n(module):
+        return sum(p.numel() for p in module.parameters())
+
+    assert n(m["transformer"]) == 591_876_896 and m["transformer"].dtype == torch.bfloat16
+    assert n(m["text_encoder"]) == 2_614_341_888 and m["text_encoder"].dtype == torch.bfloat16
+    assert m["text_encoder"].config.vocab_size == 256000 and m["vae"].dtype == torch.float32
+    assert n(m["vae"]) == 312_250_275 and n(m["vae"].encoder) == 153_027_104
+    assert m["transformer"].config.sample_size * 32 == 1024  # latents of 1024 px images
+    assert torch.get_default_dtype() == torch.float32  # restored after each module
+
+
+def test_frozen_bf16_teacher_with_an_fp32_student(tmp_path):
+    """--frozen-precision bf16: teacher transformer and Gemma in bf16, the DC-AE in fp32, the
+    student fp32 master weights equal to the bf16 teacher's, exactly."""
+    argv = ["--backbone", "sana", "--tiny", "--cache-dir", str(tmp_path), "--frozen-precision"]
+    T = backbones.SanaTeacher(parse_args([*argv, "bf16", "--out", str(tmp_path / "run")]))
+    p = T.parts
+    assert p.transformer.dtype == p.text_encoder.dtype == torch.bfloat16
+    assert p.vae.dtype == torch.float32 and T.cond(torch.tensor([0]))[0].dtype == torch.bfloat16
+    student = T.student().transformer
+    assert all(q.dtype == torch.float32 for q in student.parameters())
+    teacher = p.transformer.state_dict()
+    for k, v in student.state_dict().items():
+        k = k.replace("time_embed.", "time_embed.emb.") if k not in teacher else k
+        if "guidance_embedder" not in k:
+            assert torch.equal(v, teacher[k].float()), k
+    x = torch.randn(1, *T.data_shape)
+    v = T.velocity(x, torch.tensor([0.5]), T.cond(torch.tensor([0])))
+    assert v.dtype == torch.float32 and torch.isfinite(v).all()

@@ -147,7 +147,7 @@ def test_backbone_prompts_cond_and_real_data(scm_bb, files):
     bb.cond(torch.tensor([3, 1]))
     hook.remove()
     assert len(calls) == 2  # cached
-    ref = sana.encode_prompts(bb.parts, [bb.prompt_names[3]], 16)
+    ref = sana.encode_prompts(bb.parts, [bb.prompt_names[3]], 16, instruction=True)
     torch.testing.assert_close(embeds[1:2], ref[0], rtol=0, atol=0)
     torch.testing.assert_close(mask[1:2], ref[1], rtol=0, atol=0)
 
@@ -161,7 +161,9 @@ def test_backbone_prompts_cond_and_real_data(scm_bb, files):
         del bb.parts.vae.encode
     assert sum(encodes) == 10  # no latent cache: the cost sCM pays every step
     paths, captions = sana_io.image_folder(files["images"])
-    latents = sana.encode_images(bb.parts, torch.stack([sana_io.load_image(p, 64) for p in paths]))
+    latents = sana.encode_images(
+        bb.parts, torch.stack([sana_io.load_image(p, 64) for p in paths]), 8
+    )
     assert x0.shape == (5, 4, 8, 8) and prompt.dtype == torch.long
     for x, p in zip(x0, prompt.tolist(), strict=True):
         torch.testing.assert_close(

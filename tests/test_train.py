@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import runtime
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,17 +54,19 @@ def test_run_directory_contract(backbone, method, cache, tmp_path):
     assert len((out / "log.jsonl").read_text().splitlines()) == 6
 
 
-def test_resume_is_bit_identical(cache, tmp_path):
+@pytest.mark.parametrize("ema", ["0.999", "0"])
+def test_resume_is_bit_identical(ema, cache, tmp_path):
     """k steps, stop, --resume to n == n steps uninterrupted: the same student, EMA and log,
-    bitwise (CPU)."""
+    bitwise (CPU); with --ema-decay 0 there is no EMA copy, in memory or in the checkpoint."""
     a, b = tmp_path / "a", tmp_path / "b"
-    common = ["--backbone", "digits", "--ckpt-every", "3"]
+    common = ["--backbone", "digits", "--ckpt-every", "3", "--ema-decay", ema]
     assert run([*common, "--steps", "7", "--out", str(a)], cache) == 0
     assert run([*common, "--steps", "5", "--out", str(b)], cache) == 0
     assert run([*common, "--steps", "7", "--out", str(b), "--resume"], cache) == 0
     ta = load_file(a / "checkpoints" / "step-0000007" / "tensors.safetensors")
     tb = load_file(b / "checkpoints" / "step-0000007" / "tensors.safetensors")
     assert ta.keys() == tb.keys()
+    assert any(k.startswith("ema/") for k in ta) == (ema != "0")
     differ = [k for k in ta if not torch.equal(ta[k], tb[k])]
     assert not differ, differ
 
@@ -193,3 +196,17 @@ def test_ctrl_c_saves_a_checkpoint_and_resumes(cache, tmp_path):
     resume = ["--backbone", "toy2d", "--steps", str(step + 2), "--out", str(out), "--resume"]
     assert run(resume, cache) == 0
     assert json.loads((out / "metrics.json").read_text())["train"]["steps"] == step + 2
+
+
+def test_no_ema_copy_at_decay_0():
+    """runtime.ema_of: decay 0 evaluates the raw student itself (no second copy of its weights);
+    ema_update on it is a no-op, not an in-place write to leaves that require grad."""
+    net = torch.nn.Linear(3, 2)
+    assert runtime.ema_of(net, 0.0) is net
+    before = [p.detach().clone() for p in net.parameters()]
+    runtime.ema_update(net, net, 0.0, 7)
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
+    ema = runtime.ema_of(net, 0.9)
+    assert ema is not net and not any(p.requires_grad for p in ema.parameters())
+    runtime.ema_update(ema, torch.nn.Linear(3, 2), 0.9, 0)  # β = 0.1: moves towards the model
+    assert not torch.equal(ema.weight, net.weight)
