@@ -9,6 +9,7 @@ memory comes from a second run under MALLOC_ENV; verdicts and tables: cost_repor
     python bench/cost.py --config small-sana      # the paper's setting at reduced width, ~6 min
     python bench/cost.py --quick                  # small-sana at 256 px, fewer steps: ~2 min
     python bench/cost.py --sweep 256,512,1024     # peak memory only, ~9 min
+    python bench/cost.py --config paper-sana      # the paper's shapes, in parts (cost_compose.py)
 """
 
 import json
@@ -21,6 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import cost_compose
+from cost_compose import PARTS
 from cost_report import VARIANTS, claim_lines, fit, ratios_of, sweep_table, table
 
 import sana_io
@@ -48,9 +51,6 @@ class RunFailed(Exception):
 def prepare(config: str, work: Path, resolution: int, pretrained: str | None, extra: list[str]):
     """Flags per variant: a prompts file of distinct prompts, captioned random images (sCM), the
     small pipeline (built once) or the user's; `extra` (train.py flags) for all."""
-    import numpy as np
-    from PIL import Image
-
     flags, own = CONFIGS[config].split(), {"scm": ["--method", "scm"], "tbcm": [], "bank": []}
     if config == "small-sana":
         folder = Path(pretrained) if pretrained else work / "pipeline"
@@ -60,24 +60,8 @@ def prepare(config: str, work: Path, resolution: int, pretrained: str | None, ex
         flags += ["--pretrained", str(folder)]
         flags[flags.index("--resolution") + 1] = str(resolution)
     if "sana" in config:
-        words = [("red", "blue", "green", "golden", "pale", "dark", "bright", "striped")]
-        words += [("cat", "house", "river", "mountain", "car", "tree", "bird", "city")]
-        words += [("at dawn", "in the rain", "on a hill", "by the sea", "in winter", "at night")]
-        triples = [(c, t, p) for c in words[0] for t in words[1] for p in words[2]]
-        prompts = [f"a {c} {t} {p}, photo {i}" for i, (c, t, p) in enumerate(triples)]
-        (work / "prompts.txt").write_text("\n".join(prompts) + "\n", encoding="utf-8")
         res = int(flags[flags.index("--resolution") + 1])
-        images = work / f"images-{res}"
-        if not images.exists():  # written under a temporary name: no partial folder if killed
-            tmp = images.with_name(images.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            rng = np.random.default_rng(0)
-            for i in range(32):
-                pixels = rng.integers(0, 256, (res, res, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(tmp / f"{i}.png")
-                (tmp / f"{i}.txt").write_text(f"{prompts[i * 11 % len(prompts)]}, image {i}\n")
-            tmp.rename(images)
+        images = cost_compose.write_inputs(work, res, 32)
         flags += ["--prompts-file", str(work / "prompts.txt")]
         own["scm"] += ["--images", str(images)]
     return {v: [*flags, *extra, *own[v]] for v in VARIANTS} | {"base": [*flags, *extra]}
@@ -140,9 +124,12 @@ def run_config(a, extra: list[str], steps: int, warmup: int) -> tuple[dict, str]
     res_px = int(base[base.index("--resolution") + 1]) if "sana" in a.config else None
     config = dict(name=a.config, resolution=res_px, flags=base, steps_measured=steps, warmup=warmup)
     config |= dict(threads=os.cpu_count(), peak_memory="cuda_peak_mb" if gpu else "peak_rss_mb")
+    vae_batch = parse_args(flags["scm"]).vae_batch if "sana" in a.config else None
+    config["scm_vae_batch"] = vae_batch  # sCM's peak grows with the DC-AE's images per call
     res = dict(config=config, variants=variants, bank_build=build, extras=ex, ratios=ratios)
     res["claims"] = claim_lines(ratios)
     ratio_line = "ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items())
+    ratio_line += f" (sCM's DC-AE: {vae_batch} images per call)" * bool(vae_batch)
     return res, "\n\n".join([table(variants), ratio_line, *res["claims"]]) + "\n"
 
 
@@ -169,8 +156,13 @@ def sweep(resolutions: list[int], root: Path, warmup: int, pretrained: str | Non
 def parser() -> Parser:
     p = Parser(description=__doc__.split("\n")[0], epilog="after --: train.py flags, for all")
     add = p.add_argument
-    setting = "small-sana: the paper's shapes at 1/8 width (default); tiny-sana; digits"
-    add("--config", choices=sorted(CONFIGS), default="small-sana", help=setting)
+    setting = "small-sana: the paper's shapes at 1/8 width (default); paper-sana: the paper's "
+    setting += "shapes, random weights, in parts; tiny-sana; digits"
+    add("--config", choices=[*sorted(CONFIGS), "paper-sana"], default="small-sana", help=setting)
+    parts = f"paper-sana: the parts to run if missing, comma-separated, of {', '.join(PARTS)}"
+    add("--parts", default="all", help=parts + " (default: all)")
+    add("--device", help="torch device, e.g. cuda (default: cpu; as train.py's --device)")
+    add("--precision", choices=["fp32", "bf16"], help="autocast (default: train.py's; paper: bf16)")
     add("--quick", action="store_true", help="small-sana at 256 px, 2 steps after 1 (default: off)")
     add("--steps", type=int, help="measured steps per variant (default: 5; --quick: 2)")
     add("--warmup", type=int, help="unmeasured steps before them (default: 2; --quick: 1)")
@@ -184,6 +176,7 @@ def parser() -> Parser:
 
 def check(a, extra: list[str]) -> list[int]:
     """Every flag, before anything is built or written; returns the --sweep resolutions."""
+    cost_compose.check(a, extra)
     if a.pretrained and a.config != "small-sana" and not a.sweep:
         raise UsageError("--pretrained is for --config small-sana")
     if a.pretrained and not (Path(a.pretrained) / "model_index.json").exists():
@@ -194,7 +187,7 @@ def check(a, extra: list[str]) -> list[int]:
         raise UsageError("--resolution is for --config small-sana without --sweep")
     if (a.steps is not None and a.steps < 1) or (a.warmup is not None and a.warmup < 0):
         raise UsageError("--steps must be >= 1 and --warmup >= 0")
-    config = CONFIGS["small-sana" if a.sweep else a.config].split()
+    config = CONFIGS["small-sana" if a.sweep or a.config == "paper-sana" else a.config].split()
     validate(parse_args([*config, *extra]), run_dir=False)
     try:
         resolutions = [int(r) for r in a.sweep.split(",")] if a.sweep else []
@@ -209,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         a, extra = parser().parse_before_dashes(argv)
+        extra += ["--device", a.device] * bool(a.device)
+        extra += ["--precision", a.precision] * bool(a.precision)
         resolutions = check(a, extra)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -216,12 +211,18 @@ def main(argv: list[str] | None = None) -> int:
     steps = a.steps or (2 if a.quick else 5)
     warmup = a.warmup if a.warmup is not None else 1 if a.quick else 2
     try:
+        if a.config == "paper-sana":
+            print(cost_compose.main_paper(a, ROOT))
+            return 0
         if resolutions:
             res = sweep(resolutions, ROOT / a.work, warmup, a.pretrained, extra)
             md, name = sweep_table(res) + "\n", "cost_small-sana_sweep"
         else:
             res, md = run_config(a, extra, steps, warmup)
             name = ("cost_pretrained" if a.pretrained else f"cost_{a.config}") + "_quick" * a.quick
+    except RuntimeError as e:  # a paper-sana part failed, or lacks free memory
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except RunFailed as e:
         what, status, stderr = e.args
         print(f"{stderr}\nerror: {what} failed (exit {status})", file=sys.stderr)

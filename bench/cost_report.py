@@ -1,5 +1,6 @@
 """What bench/cost.py's measurements say: the ratios of TBCM and the bank to sCM against Tab. 3,
-the markdown tables of Fig. 4's stages, and the memory-vs-resolution lines of `--sweep`."""
+the markdown tables of Fig. 4's stages, the memory-vs-resolution lines of `--sweep`, and the
+paper-shape table of `--config paper-sana` (cost_compose.py)."""
 
 import numpy as np
 
@@ -11,6 +12,10 @@ CLAIMS = (
     ("bank_over_scm_peak_memory", 0.2, "bank/sCM peak memory (target 0.2)"),
     ("bank_over_tbcm_time_per_pair", 1.0, "bank/TBCM time per pair (target < 1)"),
 )
+
+
+TAB3_GB = dict(scm=62.9, tbcm=22.6)  # Tab. 3, one A100, batch 16
+RATIO_KEYS = ("tbcm_over_scm_peak_memory", "bank_over_scm_peak_memory")
 
 
 def ratios_of(v: dict) -> dict:
@@ -84,3 +89,28 @@ def sweep_table(res: dict) -> str:
     limits = ", ".join(f"{k} {x:.2f}" for k, x in res["limits"].items())
     out += ["", "peak above floor ≈ fixed + slope·pixels: " + ", ".join(lines)]
     return "\n".join([*out, "ratios approached by large images at this width: " + limits])
+
+
+def paper_table(res: dict) -> str:
+    """Markdown: composed peaks (GB) and CPU seconds per pair, per setting, beside Tab. 3."""
+    gb = lambda x: "–" if x is None else f"{x['peak_mb'] / 1024:.1f}"  # noqa: E731
+    rows = ["| setting | sCM GB | TBCM GB | bank GB | TBCM/sCM | bank/sCM | sCM bottleneck |"]
+    rows.append("|---|---|---|---|---|---|---|")
+    for k, r in res["composed"].items():
+        q = r.get("ratios", {})
+        f = [f"{q[x]:.2f}" if x in q else "–" for x in RATIO_KEYS]
+        neck = r["scm"]["bottleneck"] if r["scm"] else "–"
+        cells = [k, gb(r["scm"]), gb(r["tbcm"]), gb(r["bank"]), *f, neck]
+        rows.append("| " + " | ".join(cells) + " |")
+    rows += ["", f"Tab. 3 (A100, batch 16): sCM {TAB3_GB['scm']} GB, TBCM {TAB3_GB['tbcm']} GB."]
+    rows += ["", "| direct step, 512 px | peak GB | composed GB | composed/direct − 1 | step s |"]
+    rows.append("|---|---|---|---|---|")
+    for v, d in res["direct"].items():
+        c = "–" if d["composed_peak_mb"] is None else f"{d['composed_peak_mb'] / 1024:.2f}"
+        rel = "–" if d["rel_diff"] is None else f"{d['rel_diff']:+.3f}"
+        label = f"{v} ({d['pairs']} pairs" + (
+            f", DC-AE {d['vae_batch']}/call)" if d["vae_batch"] else ")"
+        )
+        peak = f"{d['peak_above_floor_mb'] / 1024:.2f}"
+        rows.append(f"| {label} | {peak} | {c} | {rel} | {d['step_s']:.0f} |")
+    return "\n".join(rows + [""] + res.get("claims", []))

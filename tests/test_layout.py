@@ -26,7 +26,9 @@ BY_FLOOR = {
     5: "train analysis/common",
     6: "analysis/equivalent_noise analysis/predicted_x0 analysis/sampling_schemes analysis/tsne "
     "bench/bank_storage bench/quality bench/cost_step bench/cost_report",
-    7: "bench/cost_worker bench/cost",  # the cost bench's worker process and its driver
+    7: "bench/cost_worker bench/cost_compose",  # a variant's process; paper-sana's parts composed
+    8: "bench/cost bench/cost_stages",  # the cost bench's driver; paper-sana's stages
+    9: "bench/cost_paper",  # one paper-sana part in its own process
 }
 FLOORS = {m: floor for floor, names in BY_FLOOR.items() for m in names.split()}
 

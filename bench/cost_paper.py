@@ -1,0 +1,141 @@
+"""A part of `bench/cost.py --config paper-sana`, in its own process: Tab. 3's memory at the paper's
+shapes (sana_tiny.SIZES["paper"], random weights), measured piece by piece. Prints one JSON line.
+
+resident-<variant>: the models each variant holds, then the student's AdamW state (one step on
+zero gradients); stage-<name>[-<px>]: one stage of the training step at two batch sizes, its
+memory rise above what was alive at entry and its time; direct-<variant>-512: a whole training
+step (cost_step.train_steps) with the peak reset after the models are built. Memory: the RSS on
+a CPU (peak: VmHWM, reset through /proc/self/clear_refs), the allocator on CUDA.
+    python bench/cost_paper.py --part stage-jvp-512 --folder DIR --work DIR
+"""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from cost_compose import PARTS, flags
+from cost_stages import Meter, materialize, stage
+from cost_step import Stages, build, train_steps
+
+from config import Config, Parser, UsageError, parse_args, validate
+from loss import LogvarHead
+from runtime import set_threads
+
+
+def tensor_mb(*modules: torch.nn.Module) -> float:
+    return sum(t.numel() * t.element_size() for m in modules for t in m.parameters()) / 2**20
+
+
+def config(argv: list[str]) -> Config:
+    cfg = parse_args(argv)
+    validate(cfg, run_dir=False)
+    return cfg
+
+
+def resident(cfg: Config, meter: Meter) -> dict:
+    """The variant's models (what cost_step.build holds, weights materialised), then the student's
+    gradient and AdamW state after one step on zero gradients."""
+    floor = meter.now()
+    student, source = build(cfg, Stages(cfg.device))
+    teacher = getattr(source, "teacher", None)
+    frozen = {}
+    if teacher is not None:  # the frozen networks in memory, as on a GPU
+        p = teacher.parts
+        materialize(p.transformer, p.text_encoder, p.vae)
+        frozen = dict(teacher=p.transformer, text_encoder=p.text_encoder, vae=p.vae)
+    models = meter.now()
+    head = LogvarHead().to(cfg.device)
+    params = [q for q in student.parameters() if q.requires_grad] + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    for q in params:
+        q.grad = torch.zeros_like(q)
+    opt.step()
+    with_grads = meter.now()
+    opt.zero_grad(set_to_none=True)
+    tensors = {k: tensor_mb(m) for k, m in frozen.items()} | dict(student=tensor_mb(student))
+    return dict(
+        models_mb=models - floor,
+        optimizer_state_mb=meter.now() - models,
+        grads_mb=with_grads - meter.now(),
+        resident_mb=meter.now() - floor,
+        tensor_mb=tensors | dict(adamw=2 * tensors["student"], grads=tensors["student"]),
+        floor_mb=floor,
+    )
+
+
+def direct(cfg: Config, meter: Meter) -> dict:
+    """One whole training step (cost_step.train_steps), the peak reset once the models are built
+    and materialised; stages as cost_step times them."""
+    floor, stages = meter.now(), Stages(cfg.device)
+    try:
+        student, source = build(cfg, stages)
+        if teacher := getattr(source, "teacher", None):
+            p = teacher.parts
+            materialize(p.transformer, p.text_encoder, p.vae)
+        loaded = meter.now()
+        meter.reset_peak()
+        t = time.perf_counter()
+        train_steps(cfg, student, source, stages, steps=1, warmup=0)
+        step_s, peak = time.perf_counter() - t, meter.peak()
+        peak = max(peak, stages.cuda_peak) if meter.cuda else peak  # Stages resets CUDA's peak
+    finally:
+        stages.close()
+    pairs = cfg.prompts * cfg.K * (cfg.N - 1)
+    st = {s: dict(s=stages.time[s], dynamic_mb=stages.mem[s]) for s in stages.time}
+    return dict(
+        peak_above_floor_mb=peak - floor,
+        loaded_above_floor_mb=loaded - floor,
+        step_s=step_s,
+        pairs=pairs,
+        vae_batch=cfg.vae_batch if cfg.method == "scm" else None,
+        stages=st,
+        floor_mb=floor,
+    )
+
+
+def run_part(part: str, folder: str, work: Path, device: str, precision: str) -> dict:
+    """The part's measurement (see the module docstring)."""
+    kind, rest = part.split("-", 1)
+    res = int(rest.rsplit("-", 1)[1]) if rest[-1].isdigit() else 512
+    variant = rest.split("-")[0] if kind in ("resident", "direct") else "tbcm"
+    cfg = config(flags(folder, work, res, variant, device, precision))
+    set_threads(cfg.threads)
+    meter = Meter(device)
+    import diffusers  # noqa: F401  the libraries' own footprint is not training memory
+    import transformers  # noqa: F401
+
+    if kind == "resident":
+        out = resident(cfg, meter)
+    elif kind == "stage":
+        out = stage(rest.split("-")[0], cfg, meter)
+    elif kind == "direct":
+        out = direct(cfg, meter)
+    else:
+        raise UsageError(f"--part {part}: one of {', '.join(PARTS)}")
+    info = dict(part=part, resolution=res, device=device, precision=precision)
+    return info | dict(threads=torch.get_num_threads()) | out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = Parser(description=__doc__.split("\n")[0], usage=__doc__.split("\n")[-2].strip())
+    p.add_argument("--part", required=True, choices=[x for x in PARTS if x != "bank-512"])
+    p.add_argument("--folder", required=True, help="the paper-size SanaPipeline folder")
+    p.add_argument("--work", required=True, help="prompts, images and banks (bench/cost.py)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--precision", default="bf16", help="autocast of the passes (default: bf16)")
+    try:
+        a = p.parse_args(sys.argv[1:] if argv is None else argv)
+        res = run_part(a.part, a.folder, Path(a.work), a.device, a.precision)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""bench/cost.py --config paper-sana: the composition of parts (synthetic numbers, by hand), the
+peak reset the parts rely on, and the parts' code on the tiny pipeline (CI never builds the paper
+size)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import cost_compose
+import cost_paper
+import cost_report
+import cost_stages
+import pytest
+import torch
+
+import sana_tiny
+from runtime import rss_mb
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def linear(s1: float, s2: float, m1: float, m2: float) -> dict:
+    return dict(by_batch={"1": dict(s=s1, dynamic_mb=m1), "2": dict(s=s2, dynamic_mb=m2)})
+
+
+def synthetic_parts() -> dict:
+    p = {f"resident-{v}": dict(resident_mb=r, grads_mb=100.0) for v, r in (("scm", 900.0),)}
+    p |= {"resident-tbcm": dict(resident_mb=800.0, grads_mb=100.0)}
+    p |= {"resident-bank": dict(resident_mb=300.0, grads_mb=100.0)}
+    p |= {"stage-optimizer": dict(by_batch={"1": dict(s=1.0, dynamic_mb=5.0)})}
+    p |= {"stage-text": linear(2.0, 3.0, 10.0, 20.0)}
+    for res, k in ((512, 1), (1024, 4)):
+        p[f"stage-vae-{res}"] = linear(4.0 * k, 8.0 * k, 50.0 * k, 100.0 * k)
+        p[f"stage-teacher-{res}"] = linear(1.0 * k, 2.0 * k, 3.0 * k, 6.0 * k)
+        p[f"stage-jvp-{res}"] = linear(5.0 * k, 9.0 * k, 20.0 * k, 30.0 * k)
+        p[f"stage-fwdbwd-{res}"] = linear(6.0 * k, 11.0 * k, 140.0 * k, 150.0 * k)
+    return p
+
+
+def test_compose_by_hand():
+    """Each stage linear through its two batches; peak = resident + the largest stage rise; times
+    summed with sCM's DC-AE calls and captions, TBCM's 16 teacher passes of one sample."""
+    p = synthetic_parts()
+    sc = cost_compose.compose_one(p, "scm", 1024, 8, 16)
+    pixels = 16 * 3 * 1024 * 1024 * 4 / 2**20  # 192 MB of pixels held while encoding
+    assert sc["stage_mb"]["vae_encode"] == pytest.approx(200 + 7 * 200 + pixels)
+    assert sc["stage_mb"]["student_fwd_bwd"] == pytest.approx(560 + 15 * 40)
+    assert sc["bottleneck"] == "vae_encode"
+    assert sc["peak_mb"] == pytest.approx(900 + 1600 + pixels)
+    assert sc["stage_s"]["vae_encode"] == pytest.approx(2 * (16 + 7 * 16))  # 2 calls of 8
+    assert sc["stage_s"]["text_encode"] == pytest.approx(16 * 2.0)  # one caption per call
+    assert sc["stage_s"]["teacher"] == pytest.approx(4 + 15 * 4)  # one pass on 16
+    tb = cost_compose.compose_one(p, "tbcm", 1024, 1, 15)
+    assert tb["stage_s"]["teacher"] == pytest.approx(16 * 4.0) and "vae_encode" not in tb["stage_s"]
+    assert tb["peak_mb"] == pytest.approx(800 + 560 + 14 * 40) and tb["pairs"] == 15
+    bk = cost_compose.compose_one(p, "bank", 1024, 1, 15)
+    assert set(bk["stage_mb"]) == {"jvp", "student_fwd_bwd", "optimizer"}
+    assert bk["stage_mb"]["optimizer"] == 105.0
+    whole = cost_compose.compose_one(p, "scm", 1024, 16, 16)["peak_mb"]
+    assert whole == pytest.approx(900 + 200 + 15 * 200 + pixels) and whole > sc["peak_mb"]
+    del p["stage-text"]
+    assert cost_compose.compose_one(p, "tbcm", 1024, 1, 15) is None
+    assert cost_compose.compose_one(p, "bank", 1024, 1, 15) is not None  # no text encoder
+
+
+def test_compose_ratios_direct_and_table():
+    p = synthetic_parts()
+    direct = dict(peak_above_floor_mb=1500.0, pairs=15, vae_batch=None, step_s=9.0)
+    p["direct-tbcm-512"] = direct
+    res = cost_compose.compose(p)
+    row = res["composed"]["1024px_vae_batch_16"]
+    assert res["ratios"] == row["ratios"]
+    assert row["ratios"]["tbcm_over_scm_peak_memory"] == pytest.approx(
+        row["tbcm"]["peak_mb"] / row["scm"]["peak_mb"]
+    )
+    d = res["direct"]["tbcm"]
+    assert d["composed_peak_mb"] == pytest.approx(800 + 140 + 14 * 10)
+    assert d["rel_diff"] == pytest.approx(1080 / 1500 - 1) and d["within_tolerance"] is False
+    md = cost_report.paper_table(res)
+    assert "| 1024px_vae_batch_16 |" in md and "tbcm (15 pairs)" in md
+    assert len(res["claims"]) == 4
+
+
+def test_peak_reset_forgets_an_earlier_peak():
+    meter = cost_stages.Meter("cpu")
+    big = torch.ones(64 * 2**20 // 4 * 4)  # 256 MB
+    del big
+    meter.reset_peak()
+    assert meter.peak() < rss_mb() + 64  # the 256 MB peak is gone
+    r = meter.probe(lambda: torch.ones(32 * 2**20).sum())  # 128 MB, freed inside
+    assert 100 < r["dynamic_mb"] < 200 and r["s"] > 0
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg(tmp_path_factory):
+    work = tmp_path_factory.mktemp("paper-work")
+    (work / "prompts.txt").write_text("a cat\na dog\n")
+    folder = sana_tiny.cached_folder(tmp_path_factory.mktemp("cache"))
+    argv = cost_compose.flags(str(folder), work, 64, "tbcm", "cpu", "fp32")
+    return cost_paper.config(argv)
+
+
+@pytest.mark.parametrize("name", ["vae", "text", "teacher", "jvp", "fwdbwd", "optimizer"])
+def test_stage_parts_run_on_the_tiny_pipeline(name, tiny_cfg):
+    out = cost_stages.stage(name, tiny_cfg, cost_stages.Meter("cpu"))
+    batches = ["1"] if name == "optimizer" else ["1", "2"]
+    assert list(out["by_batch"]) == batches
+    assert all(x["s"] > 0 and x["dynamic_mb"] >= 0 for x in out["by_batch"].values())
+
+
+def test_resident_and_direct_parts_on_the_tiny_pipeline(tiny_cfg):
+    """resident: the student's tensors are its parameters in fp32, AdamW two of them; direct: one
+    step of train_steps with the peak measured after the models are built."""
+    meter = cost_stages.Meter("cpu")
+    res = cost_paper.resident(tiny_cfg, meter)
+    t = res["tensor_mb"]
+    assert t["adamw"] == 2 * t["student"] == 2 * t["grads"] and t["student"] > 0
+    assert t["teacher"] < t["student"] / 2  # bf16, and no guidance MLP
+    assert res["resident_mb"] > 0
+    d = cost_paper.direct(tiny_cfg, meter)
+    assert d["pairs"] == 15 and d["vae_batch"] is None and d["peak_above_floor_mb"] > 0
+    assert {"teacher", "jvp", "student_fwd_bwd", "optimizer"} <= set(d["stages"])
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--config", "paper-sana", "--parts", "stage-nothing"],
+        ["--config", "small-sana", "--parts", "stage-text"],
+        ["--config", "paper-sana", "--quick"],
+    ],
+)
+def test_paper_sana_bad_flags_exit_2(argv):
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "cost.py"), *argv],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and p.stderr.startswith("error: ")
+    assert "--parts" in p.stderr or "--config paper-sana" in p.stderr
