@@ -159,9 +159,12 @@ def seeded_or_cached(
 
 
 def weights_sha256(module: nn.Module) -> str:
-    """SHA-256 of a module's tensors in state-dict order; names (a wrapper's prefix) are ignored."""
+    """SHA-256 of a module's tensors in state-dict order; names (a wrapper's prefix) are ignored.
+    Half-precision tensors are hashed as float32 (exact), so that a teacher held in bf16
+    (--frozen-precision) and its fp32 copy (bank training loads one) agree."""
     h = hashlib.sha256()
     for v in module.state_dict().values():
+        v = v.float() if v.dtype in (torch.bfloat16, torch.float16) else v
         h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 

@@ -7,6 +7,7 @@ Over 250 lines: the whole diffusers surface of Sana in one place (loading, the t
 the pipelines encode them, the student, fp32 cross-attention, the DC-AE, export).
 """
 
+import gc
 import inspect
 import json
 import math
@@ -66,6 +67,11 @@ def load_sana(folder: str | Path, device: torch.device | str, dtype: torch.dtype
     dtypes = {"transformer": dtype, "text_encoder": dtype, "default": torch.float32}
     with malformed(folder):
         pipe = SanaPipeline.from_pretrained(folder, dtype=dtypes, local_files_only=True)
+    # Weights in memory of their own, not pages of a mapped file (RSS counts those only once read).
+    for m in (pipe.transformer, pipe.text_encoder, pipe.vae):
+        for t in (*m.parameters(), *m.buffers()):
+            t.data = t.data.clone()
+    gc.collect()  # the loader's reference cycles still hold the mapped files
     # SanaPipeline feeds scheduler timesteps (num_train_timesteps·s) × config.timestep_scale.
     n_train = pipe.scheduler.config.get("num_train_timesteps", 1000)
     return SanaParts(

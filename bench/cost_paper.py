@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 from cost_compose import PARTS, flags
-from cost_stages import Meter, materialize, stage
+from cost_stages import Meter, stage
 from cost_step import Stages, build, train_steps
 
 from config import Config, Parser, UsageError, parse_args, validate
@@ -37,15 +37,14 @@ def config(argv: list[str]) -> Config:
 
 
 def resident(cfg: Config, meter: Meter) -> dict:
-    """The variant's models (what cost_step.build holds, weights materialised), then the student's
+    """The variant's models (what cost_step.build holds), then the student's
     gradient and AdamW state after one step on zero gradients."""
     floor = meter.now()
     student, source = build(cfg, Stages(cfg.device))
     teacher = getattr(source, "teacher", None)
     frozen = {}
-    if teacher is not None:  # the frozen networks in memory, as on a GPU
+    if teacher is not None:
         p = teacher.parts
-        materialize(p.transformer, p.text_encoder, p.vae)
         frozen = dict(teacher=p.transformer, text_encoder=p.text_encoder, vae=p.vae)
     models = meter.now()
     head = LogvarHead().to(cfg.device)
@@ -68,14 +67,11 @@ def resident(cfg: Config, meter: Meter) -> dict:
 
 
 def direct(cfg: Config, meter: Meter) -> dict:
-    """One whole training step (cost_step.train_steps), the peak reset once the models are built
-    and materialised; stages as cost_step times them."""
+    """One whole training step (cost_step.train_steps), the peak reset once the models are built;
+    stages as cost_step times them."""
     floor, stages = meter.now(), Stages(cfg.device)
     try:
         student, source = build(cfg, stages)
-        if teacher := getattr(source, "teacher", None):
-            p = teacher.parts
-            materialize(p.transformer, p.text_encoder, p.vae)
         loaded = meter.now()
         meter.reset_peak()
         t = time.perf_counter()

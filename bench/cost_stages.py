@@ -61,14 +61,6 @@ class Meter:
         return dict(s=s, cpu_s=cpu_s, dynamic_mb=self.peak() - entry)
 
 
-def materialize(*modules: torch.nn.Module) -> None:
-    """Copy mmap'd safetensors weights into memory of their own, as .to("cuda") does on a GPU: RSS
-    counts a page of a mapped file only once it is touched."""
-    for m in modules:
-        for t in [*m.parameters(), *m.buffers()]:
-            t.data = t.data.clone()
-
-
 def stage(name: str, cfg: Config, meter: Meter) -> dict:
     """One stage at BATCHES (after a warm-up at the first): per batch size, seconds and MB."""
     dev, res, g = cfg.device, cfg.resolution, torch.Generator().manual_seed(0)
@@ -84,16 +76,13 @@ def stage(name: str, cfg: Config, meter: Meter) -> dict:
         return rand(b, L, D).to(torch.bfloat16), torch.ones(b, L, dtype=torch.long, device=dev)
 
     if name == "vae":
-        materialize(parts.vae)
         run = lambda b, x: sana.encode_images(parts, x, b)  # noqa: E731
         inputs = lambda b: rand(b, 3, res, res).clamp(-1, 1)  # noqa: E731
     elif name == "text":
-        materialize(parts.text_encoder)
         prompts = [f"a {c} house by the sea at dawn, photo {i}" for i, c in enumerate("abc")]
         run = lambda b, x: sana.encode_prompts(parts, x, L, instruction=not cfg.plain_prompts)  # noqa: E731
         inputs = lambda b: prompts[:b]  # noqa: E731
     elif name == "teacher":  # CFG: one pass on the doubled batch [uncond, cond]
-        materialize(parts.transformer)
         F = TrigFlow(sana.SanaVelocity(parts.transformer, parts.timestep_scale), uncond=cond(1))
 
         @torch.no_grad()

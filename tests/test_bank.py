@@ -308,9 +308,11 @@ def test_another_teacher_is_refused(digits_bank, cache, tmp_path, capsys):
     assert "other pairs" in capsys.readouterr().err
 
 
-def test_sana_bank_matches_online_without_text_encoder(tmp_path, monkeypatch):
+@pytest.mark.parametrize("frozen", ["fp32", "bf16"])
+def test_sana_bank_matches_online_without_text_encoder(frozen, tmp_path, monkeypatch):
     """Tiny Sana: the bank stores the prompts' embeddings, so training loads only the transformer
-    (no Gemma-2, no DC-AE) and ends with the online run's student, bit for bit."""
+    (no Gemma-2, no DC-AE) and ends with the online run's student, bit for bit; also with the
+    teacher held in bf16 (whose weights hash as their fp32 copy does: the bank accepts it)."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red cat\na blue dog\na green tree\n", encoding="utf-8")
     pairs = [
@@ -331,6 +333,8 @@ def test_sana_bank_matches_online_without_text_encoder(tmp_path, monkeypatch):
         str(prompts),
         "--cache-dir",
         str(tmp_path / "cache"),
+        "--frozen-precision",
+        frozen,
     ]
     run = ["--n-eval", "4", "--eval-teacher-steps", "4", "--log-every", "1", "--steps", "2"]
     b, online, banked = tmp_path / "bank", tmp_path / "online", tmp_path / "banked"

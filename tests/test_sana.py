@@ -3,6 +3,7 @@
 import copy
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -323,3 +324,12 @@ def test_frozen_bf16_teacher_with_an_fp32_student(tmp_path):
     x = torch.randn(1, *T.data_shape)
     v = T.velocity(x, torch.tensor([0.5]), T.cond(torch.tensor([0])))
     assert v.dtype == torch.float32 and torch.isfinite(v).all()
+
+
+def test_load_sana_holds_its_weights_in_memory_of_their_own(tiny, tmp_path):
+    """load_sana copies every weight out of the safetensors files it maps: RSS (and so
+    bench/cost.py's memory) counts them from the start, as a device's allocator would."""
+    folder = shutil.copytree(tiny, tmp_path / "copy")
+    parts = sana.load_sana(folder, "cpu", torch.bfloat16)
+    assert str(folder) not in Path("/proc/self/maps").read_text()
+    assert parts.transformer.dtype == torch.bfloat16 and parts.vae.dtype == torch.float32
