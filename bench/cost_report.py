@@ -92,19 +92,25 @@ def sweep_table(res: dict) -> str:
 
 
 def paper_table(res: dict) -> str:
-    """Markdown: composed peaks (GB) and CPU seconds per pair, per setting, beside Tab. 3."""
+    """Markdown: per setting the composed peaks (GB above the floor), their ratios, sCM's largest
+    stage and the seconds per pair (CPU: the process's CPU seconds); the direct steps beside the
+    composition; the claim lines of the headline setting."""
     gb = lambda x: "–" if x is None else f"{x['peak_mb'] / 1024:.1f}"  # noqa: E731
-    rows = ["| setting | sCM GB | TBCM GB | bank GB | TBCM/sCM | bank/sCM | sCM bottleneck |"]
-    rows.append("|---|---|---|---|---|---|---|")
+    sp = lambda x: "–" if x is None else f"{x['time_per_pair_s']:.0f}"  # noqa: E731
+    rows = ["| px, sCM DC-AE images/call | sCM GB | TBCM GB | bank GB | TBCM/sCM | bank/sCM | "]
+    rows[0] += "sCM's largest stage | s/pair sCM / TBCM / bank |"
+    rows.append("|---" * 8 + "|")
     for k, r in res["composed"].items():
         q = r.get("ratios", {})
         f = [f"{q[x]:.2f}" if x in q else "–" for x in RATIO_KEYS]
         neck = r["scm"]["bottleneck"] if r["scm"] else "–"
-        cells = [k, gb(r["scm"]), gb(r["tbcm"]), gb(r["bank"]), *f, neck]
+        times = " / ".join(sp(r[v]) for v in VARIANTS)
+        setting = k.replace("px_vae_batch_", " px, ")
+        cells = [setting, gb(r["scm"]), gb(r["tbcm"]), gb(r["bank"]), *f, neck, times]
         rows.append("| " + " | ".join(cells) + " |")
     rows += ["", f"Tab. 3 (A100, batch 16): sCM {TAB3_GB['scm']} GB, TBCM {TAB3_GB['tbcm']} GB."]
     rows += ["", "| direct step, 512 px | peak GB | composed GB | composed/direct − 1 | step s |"]
-    rows.append("|---|---|---|---|---|")
+    rows.append("|---" * 5 + "|")
     for v, d in res["direct"].items():
         c = "–" if d["composed_peak_mb"] is None else f"{d['composed_peak_mb'] / 1024:.2f}"
         rel = "–" if d["rel_diff"] is None else f"{d['rel_diff']:+.3f}"

@@ -79,7 +79,7 @@ def test_compose_ratios_direct_and_table():
     assert d["composed_peak_mb"] == pytest.approx(800 + 140 + 14 * 10)
     assert d["rel_diff"] == pytest.approx(1080 / 1500 - 1) and d["within_tolerance"] is False
     md = cost_report.paper_table(res)
-    assert "| 1024px_vae_batch_16 |" in md and "tbcm (15 pairs)" in md
+    assert "| 1024 px, 16 |" in md and "tbcm (15 pairs)" in md
     assert len(res["claims"]) == 4
 
 
