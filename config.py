@@ -328,6 +328,8 @@ def validate(cfg: Config, run_dir: bool = True) -> None:
     )
     if c.backbone != "sana" and any(getattr(c, k) for k in sana_only):
         bad.append(", ".join(map(f, sana_only)) + f" are for {f('backbone')} sana")
+    if c.backbone != "sana" and (c.frozen_precision, c.vae_batch) != ("fp32", Config.vae_batch):
+        bad.append(f"{f('frozen_precision')} and {f('vae_batch')} are for {f('backbone')} sana")
     if c.backbone == "cifar10" and not c.data_dir:
         bad.append(
             f"cifar10 needs {f('data_dir')} path/to/cifar-10-batches-py (from "

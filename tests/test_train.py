@@ -90,6 +90,9 @@ def test_resume_is_bit_identical(ema, cache, tmp_path):
         ["--backbone", "cifar10"],
         ["--backbone", "cifar10", "--data-dir", "/nonexistent/cifar-10-batches-py"],
         ["--resume"],
+        ["--vae-batch", "0", "--backbone", "sana", "--tiny"],
+        ["--frozen-precision", "bf16"],
+        ["--plain-prompts"],
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(args, tmp_path, cache):
