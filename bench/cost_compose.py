@@ -44,7 +44,8 @@ NEEDS_GB = {  # in the order they run
         for x in """stage-text:7 stage-vae-512:3 stage-vae-1024:8
     stage-teacher-512:3 stage-teacher-1024:4 stage-jvp-512:4 stage-jvp-1024:6 stage-fwdbwd-512:7
     stage-fwdbwd-1024:9 stage-optimizer:11 resident-scm:19 resident-tbcm:19 bank-512:9
-    resident-bank:11 direct-tbcm-512:21 direct-bank-512:12 direct-scm-512:21""".split()
+    resident-bank:11 direct-tbcm-512:21 direct-bank-512:12 direct-scm-512:21
+    direct-scm-vae8-512:22""".split()
     )
 }
 PARTS = tuple(NEEDS_GB)
@@ -56,13 +57,15 @@ TOLERANCE = 0.10  # composed vs direct peak, relative: the composition is truste
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
-def flags(folder: str, work: Path, res: int, variant: str, device: str, precision: str) -> list:
+def flags(
+    folder: str, work: Path, res: int, variant: str, device: str, precision: str, vae_batch=1
+) -> list:
     """train.py's flags of `variant` at the paper's settings (sana preset: N 16, K 1, 1 prompt,
-    no EMA), bf16 frozen networks, gradient checkpointing, sCM's DC-AE one image per call."""
+    no EMA), bf16 frozen networks, gradient checkpointing, sCM's DC-AE `vae_batch` per call."""
     f = f"--backbone sana --pretrained {folder} --prompts-file {work}/prompts.txt --resolution "
     f += f"{res} --max-sequence-length {L} --grad-checkpointing --filter-mode off --n-eval 2 "
     f += f"--frozen-precision bf16 --precision {precision} --device {device}"
-    own = dict(scm=f" --method scm --images {work}/images-{res} --vae-batch 1", tbcm="")
+    own = dict(scm=f" --method scm --images {work}/images-{res} --vae-batch {vae_batch}", tbcm="")
     own["bank"] = f" --bank {work}/bank-{res}"
     return (f + own[variant]).split()
 
@@ -198,14 +201,14 @@ def compose(p: dict) -> dict:
             if sc and tb and bk:
                 row["ratios"] = ratios(sc, tb, bk)
             out["composed"][f"{res}px_vae_batch_{vb}"] = row
-    for v in ("scm", "tbcm", "bank"):
-        d = p.get(f"direct-{v}-512")
-        if d is None:
-            continue
-        comp = compose_one(p, v, 512, d["vae_batch"] or 1, d["pairs"], clock)
+    for name in (k for k in p if k.startswith("direct-")):
+        d, v = p[name], name.split("-")[1]
+        comp = compose_one(p, v, d["resolution"], d["vae_batch"] or 1, d["pairs"], clock)
         rel = None if comp is None else comp["peak_mb"] / d["peak_above_floor_mb"] - 1
-        out["direct"][v] = d | dict(composed_peak_mb=comp and comp["peak_mb"], rel_diff=rel)
-        out["direct"][v]["within_tolerance"] = None if rel is None else abs(rel) <= TOLERANCE
+        row = d | dict(variant=v, composed_peak_mb=comp and comp["peak_mb"], rel_diff=rel)
+        out["direct"][name[7:]] = row | dict(
+            within_tolerance=rel is not None and abs(rel) <= TOLERANCE
+        )
     head = out["composed"].get("1024px_vae_batch_16", {}).get("ratios")
     if head:
         out["ratios"], out["claims"] = head, claim_lines(head)

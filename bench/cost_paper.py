@@ -4,7 +4,8 @@ shapes (sana_tiny.SIZES["paper"], random weights), measured piece by piece. Prin
 resident-<variant>: the models each variant holds, then the student's AdamW state (one step on
 zero gradients); stage-<name>[-<px>]: one stage of the training step at two batch sizes, its
 memory rise above what was alive at entry and its time; direct-<variant>-512: a whole training
-step (cost_step.train_steps) with the peak reset after the models are built. Memory: the RSS on
+step (cost_step.train_steps) with the peak reset after the models are built (-vae8: sCM's
+DC-AE 8 images per call). Memory: the RSS on
 a CPU (peak: VmHWM, reset through /proc/self/clear_refs), the allocator on CUDA.
     python bench/cost_paper.py --part stage-jvp-512 --folder DIR --work DIR
 """
@@ -98,7 +99,8 @@ def run_part(part: str, folder: str, work: Path, device: str, precision: str) ->
     kind, rest = part.split("-", 1)
     res = int(rest.rsplit("-", 1)[1]) if rest[-1].isdigit() else 512
     variant = rest.split("-")[0] if kind in ("resident", "direct") else "tbcm"
-    cfg = config(flags(folder, work, res, variant, device, precision))
+    vae_batch = int(rest.split("vae")[1].split("-")[0]) if "-vae" in rest else 1
+    cfg = config(flags(folder, work, res, variant, device, precision, vae_batch))
     set_threads(cfg.threads)
     meter = Meter(device)
     import diffusers  # noqa: F401  the libraries' own footprint is not training memory

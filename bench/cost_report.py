@@ -111,10 +111,10 @@ def paper_table(res: dict) -> str:
     rows += ["", f"Tab. 3 (A100, batch 16): sCM {TAB3_GB['scm']} GB, TBCM {TAB3_GB['tbcm']} GB."]
     rows += ["", "| direct step, 512 px | peak GB | composed GB | composed/direct − 1 | step s |"]
     rows.append("|---" * 5 + "|")
-    for v, d in res["direct"].items():
+    for d in res["direct"].values():
         c = "–" if d["composed_peak_mb"] is None else f"{d['composed_peak_mb'] / 1024:.2f}"
         rel = "–" if d["rel_diff"] is None else f"{d['rel_diff']:+.3f}"
-        label = f"{v} ({d['pairs']} pairs" + (
+        label = f"{d['variant']} ({d['pairs']} pairs" + (
             f", DC-AE {d['vae_batch']}/call)" if d["vae_batch"] else ")"
         )
         peak = f"{d['peak_above_floor_mb'] / 1024:.2f}"

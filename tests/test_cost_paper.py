@@ -67,7 +67,7 @@ def test_compose_by_hand():
 
 def test_compose_ratios_direct_and_table():
     p = synthetic_parts()
-    direct = dict(peak_above_floor_mb=1500.0, pairs=15, vae_batch=None, step_s=9.0)
+    direct = dict(peak_above_floor_mb=1500.0, pairs=15, vae_batch=None, step_s=9.0, resolution=512)
     p["direct-tbcm-512"] = direct
     res = cost_compose.compose(p)
     row = res["composed"]["1024px_vae_batch_16"]
@@ -75,9 +75,14 @@ def test_compose_ratios_direct_and_table():
     assert row["ratios"]["tbcm_over_scm_peak_memory"] == pytest.approx(
         row["tbcm"]["peak_mb"] / row["scm"]["peak_mb"]
     )
-    d = res["direct"]["tbcm"]
+    d = res["direct"]["tbcm-512"]
     assert d["composed_peak_mb"] == pytest.approx(800 + 140 + 14 * 10)
     assert d["rel_diff"] == pytest.approx(1080 / 1500 - 1) and d["within_tolerance"] is False
+    p["direct-scm-vae8-512"] = direct | dict(pairs=15, vae_batch=8, peak_above_floor_mb=1400.0)
+    d = cost_compose.compose(p)["direct"]["scm-vae8-512"]
+    pixels = 15 * 3 * 512 * 512 * 4 / 2**20
+    assert d["composed_peak_mb"] == pytest.approx(900 + 50 + 7 * 50 + pixels)  # its DC-AE stage
+    assert d["within_tolerance"] is True
     md = cost_report.paper_table(res)
     assert "| 1024 px, 16 |" in md and "tbcm (15 pairs)" in md
     assert len(res["claims"]) == 4
