@@ -66,12 +66,14 @@ def load_sana(folder: str | Path, device: torch.device | str, dtype: torch.dtype
     # The DC-AE stays in float32, as Sana's own training code keeps it.
     dtypes = {"transformer": dtype, "text_encoder": dtype, "default": torch.float32}
     with malformed(folder):
-        pipe = SanaPipeline.from_pretrained(folder, dtype=dtypes, local_files_only=True)
-    # Weights in memory of their own, not pages of a mapped file (RSS counts those only once read).
+        kw = dict(dtype=dtypes, local_files_only=True, disable_mmap=True)  # diffusers: read
+        pipe = SanaPipeline.from_pretrained(folder, **kw)
+    # Weights in memory of their own, not pages of a mapped file (transformers maps Gemma's), so
+    # that RSS counts them from the start, as device memory would.
     for m in (pipe.transformer, pipe.text_encoder, pipe.vae):
         for t in (*m.parameters(), *m.buffers()):
             t.data = t.data.clone()
-    gc.collect()  # the loader's reference cycles still hold the mapped files
+    gc.collect()  # the loaders' reference cycles hold their read buffers (1.1 GB at full size)
     # SanaPipeline feeds scheduler timesteps (num_train_timesteps·s) × config.timestep_scale.
     n_train = pipe.scheduler.config.get("num_train_timesteps", 1000)
     return SanaParts(
