@@ -95,7 +95,8 @@ def load_transformer(folder: str | Path, device: torch.device | str) -> tuple[An
 
     folder = check_folder(folder)
     with malformed(folder):
-        tr = SanaTransformer2DModel.from_pretrained(folder / "transformer", local_files_only=True)
+        kw = dict(local_files_only=True, disable_mmap=True)  # read, as load_sana
+        tr = SanaTransformer2DModel.from_pretrained(folder / "transformer", **kw)
         sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     scale = float(sched.get("num_train_timesteps", 1000) * tr.config.timestep_scale)
     return tr.to(device).eval().requires_grad_(False), scale
