@@ -126,8 +126,7 @@ class SanaTeacher:
             prompts, self.image_paths, captions = sana_io.check_input(cfg)
             with sana_io.quiet_loading():
                 folder = sana_tiny.cached_folder(cfg.cache_dir) if cfg.tiny else cfg.pretrained
-                dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.frozen_precision]
-                self.parts = sana.load_sana(folder, cfg.device, dtype)  # frozen: no master copy
+                self.parts = sana.load_sana(folder, cfg.device, frozen_dtype(cfg))
         except sana_io.SanaInputError as e:
             raise UsageError(str(e)) from e
         # the captions join the prompt table; image k has prompt image_prompt[k]
@@ -219,6 +218,11 @@ def sana_student(tr: Any, timestep_scale: float, cfg: Config) -> nn.Module:
     return sana.SanaVelocity(sana.jvp_safe(transformer), 1.0)
 
 
+def frozen_dtype(cfg: Config) -> torch.dtype:
+    """The dtype of the frozen Sana teacher and text encoder (--frozen-precision)."""
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.frozen_precision]
+
+
 def build(cfg: Config) -> Teacher:
     """The teacher named by cfg.backbone."""
     return ToyTeacher(cfg) if cfg.backbone in toy.BACKBONES else SanaTeacher(cfg)
@@ -230,7 +234,8 @@ def build_student(cfg: Config) -> tuple[nn.Module, str]:
     if cfg.backbone == "sana":
         try:
             folder = sana_tiny.cached_folder(cfg.cache_dir) if cfg.tiny else cfg.pretrained
-            tr, scale = sana.load_transformer(folder, cfg.device)
+            # the teacher's weights as online training holds them: the same student, hash
+            tr, scale = sana.load_transformer(folder, cfg.device, frozen_dtype(cfg))
         except sana_io.SanaInputError as e:
             raise UsageError(str(e)) from e
         return sana_student(tr, scale, cfg), weights_sha256(tr)

@@ -87,15 +87,17 @@ def load_sana(folder: str | Path, device: torch.device | str, dtype: torch.dtype
     )
 
 
-def load_transformer(folder: str | Path, device: torch.device | str) -> tuple[Any, float]:
-    """Only the transformer of a SanaPipeline folder (fp32) and its timestep_scale (see load_sana):
-    what training from an offline bank needs to initialise the student; text encoder and DC-AE
-    stay on disk."""
+def load_transformer(
+    folder: str | Path, device: torch.device | str, dtype: torch.dtype
+) -> tuple[Any, float]:
+    """Only the transformer of a SanaPipeline folder (in dtype, as load_sana) and its
+    timestep_scale: what training from an offline bank needs to initialise the student; text
+    encoder and DC-AE stay on disk."""
     from diffusers import SanaTransformer2DModel
 
     folder = check_folder(folder)
     with malformed(folder):
-        kw = dict(local_files_only=True, disable_mmap=True)  # read, as load_sana
+        kw = dict(dtype=dtype, local_files_only=True, disable_mmap=True)  # read, as load_sana
         tr = SanaTransformer2DModel.from_pretrained(folder / "transformer", **kw)
         sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     scale = float(sched.get("num_train_timesteps", 1000) * tr.config.timestep_scale)
