@@ -41,8 +41,8 @@ NEEDS_GB = {  # in the order they run
     part: int(gb)
     for part, gb in (
         x.split(":")
-        for x in """stage-text:7 stage-vae-512:3 stage-vae-1024:8
-    stage-teacher-512:3 stage-teacher-1024:4 stage-jvp-512:4 stage-jvp-1024:6 stage-fwdbwd-512:7
+        for x in """stage-text:9 stage-vae-512:9 stage-vae-1024:13
+    stage-teacher-512:9 stage-teacher-1024:9 stage-jvp-512:4 stage-jvp-1024:6 stage-fwdbwd-512:7
     stage-fwdbwd-1024:9 stage-optimizer:11 resident-scm:17 resident-tbcm:17 bank-512:9
     resident-bank:11 direct-tbcm-512:19 direct-bank-512:12 direct-scm-512:19
     direct-scm-vae8-512:20""".split()

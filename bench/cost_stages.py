@@ -4,10 +4,12 @@ its memory rise above what was alive at entry: the RSS on a CPU (peak: VmHWM, re
 /proc/self/clear_refs), the allocator on CUDA.
 """
 
+import json
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -61,20 +63,32 @@ class Meter:
         return dict(s=s, cpu_s=cpu_s, dynamic_mb=self.peak() - entry)
 
 
-def stage(name: str, cfg: Config, meter: Meter) -> dict:
-    """One stage at BATCHES (after a warm-up at the first): per batch size, seconds and MB."""
-    dev, res, g = cfg.device, cfg.resolution, torch.Generator().manual_seed(0)
-    with sana_io.quiet_loading():
-        parts = sana.load_sana(cfg.pretrained, dev, torch.bfloat16)
-    h, D = res // parts.vae_scale_factor, parts.text_encoder.config.hidden_size
-    latent = (parts.transformer.config.in_channels, h, h)  # [C, h, w]
+def inputs_of(cfg: Config, tr_config: Any) -> tuple[Callable, Callable, tuple]:
+    """Seeded random tensors on the device, conditioning [b, L, D] of the transformer's caption
+    width (values do not matter here), and the latent shape [C, h, w] at cfg.resolution."""
+    dev, g = cfg.device, torch.Generator().manual_seed(0)
+    vae = json.loads((Path(cfg.pretrained) / "vae" / "config.json").read_text())
+    h = cfg.resolution // 2 ** (len(vae["encoder_block_out_channels"]) - 1)
 
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(shape, generator=g).to(dev)
 
-    def cond(b: int) -> tuple:  # conditioning of the right shape (values do not matter here)
+    def cond(b: int) -> tuple:
+        D = tr_config.caption_channels
         return rand(b, L, D).to(torch.bfloat16), torch.ones(b, L, dtype=torch.long, device=dev)
 
+    return rand, cond, (tr_config.in_channels, h, h)
+
+
+def stage(name: str, cfg: Config, meter: Meter) -> dict:
+    """One stage at BATCHES (after a warm-up at the first): per batch size, seconds and MB. The
+    student's stages load only the transformer, the others the pipeline (bf16 as --frozen)."""
+    if name in ("jvp", "fwdbwd", "optimizer"):
+        return student_stage(name, cfg, meter)
+    dev, res = cfg.device, cfg.resolution
+    with sana_io.quiet_loading():
+        parts = sana.load_sana(cfg.pretrained, dev, torch.bfloat16)
+    rand, cond, latent = inputs_of(cfg, parts.transformer.config)
     if name == "vae":
         run = lambda b, x: sana.encode_images(parts, x, b)  # noqa: E731
         inputs = lambda b: rand(b, 3, res, res).clamp(-1, 1)  # noqa: E731
@@ -94,8 +108,7 @@ def stage(name: str, cfg: Config, meter: Meter) -> dict:
             return rand(b, *latent), rand(b).sigmoid(), cond(b), torch.full((b,), 4.5, device=dev)
 
     else:
-        del parts
-        return student_stage(name, cfg, meter, rand, cond, latent)
+        raise ValueError(f"no stage {name}")
 
     def make(b: int) -> Callable:
         x = inputs(b)
@@ -104,10 +117,11 @@ def stage(name: str, cfg: Config, meter: Meter) -> dict:
     return at_batches(make, cfg, meter)
 
 
-def student_stage(name: str, cfg: Config, meter: Meter, rand, cond, latent) -> dict:
+def student_stage(name: str, cfg: Config, meter: Meter) -> dict:
     """jvp (Alg. 1 lines 13–14), fwdbwd (lines 15–16 and the gradient, checkpointed) or optimizer
     (AdamW's step once its state exists) on the fp32 student with gradient checkpointing."""
     student, _ = backbones.build_student(cfg)
+    rand, cond, latent = inputs_of(cfg, student.transformer.config)
     head = LogvarHead().to(cfg.device)
     F_theta = TrigFlow(student.train(), guidance_scale=cfg.guidance_scale)
     params = [q for q in student.parameters() if q.requires_grad] + list(head.parameters())
