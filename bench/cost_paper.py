@@ -5,8 +5,8 @@ resident-<variant>: the models each variant holds, then the student's AdamW stat
 zero gradients); stage-<name>[-<px>]: one stage of the training step at two batch sizes, its
 memory rise above what was alive at entry and its time; direct-<variant>-512: a whole training
 step (cost_step.train_steps) with the peak reset after the models are built (-vae8: sCM's
-DC-AE 8 images per call). Memory: the RSS on
-a CPU (peak: VmHWM, reset through /proc/self/clear_refs), the allocator on CUDA.
+DC-AE 8 images per call, 8 pairs per step, two steps: the second meets AdamW's state).
+Memory: the RSS on a CPU (peak: VmHWM, reset through /proc/self/clear_refs), the allocator on CUDA.
     python bench/cost_paper.py --part stage-jvp-512 --folder DIR --work DIR
 """
 
@@ -67,23 +67,25 @@ def resident(cfg: Config, meter: Meter) -> dict:
     )
 
 
-def direct(cfg: Config, meter: Meter) -> dict:
-    """One whole training step (cost_step.train_steps), the peak reset once the models are built;
-    stages as cost_step times them."""
+def direct(cfg: Config, meter: Meter, steps: int = 1) -> dict:
+    """Whole training steps (cost_step.train_steps), the peak reset once the models are built;
+    stages as cost_step times them. One step peaks where AdamW's state is first allocated; a
+    stage before the backward pass (sCM's DC-AE) meets that state only from the second step."""
     floor, stages = meter.now(), Stages(cfg.device)
     try:
         student, source = build(cfg, stages)
         loaded = meter.now()
         meter.reset_peak()
         t = time.perf_counter()
-        train_steps(cfg, student, source, stages, steps=1, warmup=0)
-        step_s, peak = time.perf_counter() - t, meter.peak()
+        train_steps(cfg, student, source, stages, steps=steps, warmup=0)
+        step_s, peak = (time.perf_counter() - t) / steps, meter.peak()
         peak = max(peak, stages.cuda_peak) if meter.cuda else peak  # Stages resets CUDA's peak
     finally:
         stages.close()
     pairs = cfg.prompts * cfg.K * (cfg.N - 1)
-    st = {s: dict(s=stages.time[s], dynamic_mb=stages.mem[s]) for s in stages.time}
+    st = {s: dict(s=stages.time[s] / steps, dynamic_mb=stages.mem[s]) for s in stages.time}
     return dict(
+        steps=steps,
         peak_above_floor_mb=peak - floor,
         loaded_above_floor_mb=loaded - floor,
         step_s=step_s,
@@ -99,8 +101,10 @@ def run_part(part: str, folder: str, work: Path, device: str, precision: str) ->
     kind, rest = part.split("-", 1)
     res = int(rest.rsplit("-", 1)[1]) if rest[-1].isdigit() else 512
     variant = rest.split("-")[0] if kind in ("resident", "direct") else "tbcm"
+    # -vae<B>: sCM's DC-AE B images per call, B pairs per step (N = B + 1), two steps
     vae_batch = int(rest.split("vae")[1].split("-")[0]) if "-vae" in rest else 1
-    cfg = config(flags(folder, work, res, variant, device, precision, vae_batch))
+    argv = flags(folder, work, res, variant, device, precision, vae_batch)
+    cfg = config(argv + ["--N", str(vae_batch + 1)] * (vae_batch > 1))
     set_threads(cfg.threads)
     meter = Meter(device)
     import diffusers  # noqa: F401  the libraries' own footprint is not training memory
@@ -111,7 +115,7 @@ def run_part(part: str, folder: str, work: Path, device: str, precision: str) ->
     elif kind == "stage":
         out = stage(rest.split("-")[0], cfg, meter)
     elif kind == "direct":
-        out = direct(cfg, meter)
+        out = direct(cfg, meter, steps=2 if vae_batch > 1 else 1)
     else:
         raise UsageError(f"--part {part}: one of {', '.join(PARTS)}")
     info = dict(part=part, resolution=res, device=device, precision=precision)
