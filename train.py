@@ -98,6 +98,7 @@ def train(cfg: Config, student: nn.Module, source: PairSource, run: Path, rank=0
     t0, log_file = time.perf_counter() - st["wall_s"], run / "log.jsonl"
     with open(log_file, "a") if rank == 0 else nullcontext() as log, sigint_flag() as interrupt:
         for step in bar:
+            opt.zero_grad(set_to_none=True)  # the last gradient is not kept through the pairs
             b = pool.next(per_step)  # lines 3–11: pairs (x_t, t, dx_t/dt), prompts, w, mask
             r = r_schedule(step, **r_of)  # line 12
             F = partial(F_theta, cond=source.cond(b["prompt"]), w=b["w"])  # the student, F(x, t)
@@ -105,7 +106,6 @@ def train(cfg: Config, student: nn.Module, source: PairSource, run: Path, rank=0
             with autocast(cfg.device, cfg.precision):  # lines 13–16
                 loss, stats = scm_loss(F, x_t, t, dxdt, head(t), r=r, mask=b["keep"], **hyper)
             # line 17, with data parallel, clipping and a guard against NaN/Inf steps
-            opt.zero_grad(set_to_none=True)
             loss.backward()
             all_reduce_grads(params, world)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)

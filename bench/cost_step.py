@@ -214,6 +214,7 @@ def train_steps(
         stage.active = step >= warmup
         stage.sync()
         marks.append(time.perf_counter())
+        opt.zero_grad(set_to_none=True)  # as train.train: no gradient kept through the pairs
         b = pool.next(per_step)  # lines 3–11, in the source's stages
         x_t, t, dxdt = b["x_t"], b["t"], b["dxdt"]
         r = r_schedule(
@@ -230,7 +231,6 @@ def train_steps(
                 kw = dict(sigma_d=cfg.sigma_d, t_min=cfg.t_min, mask=b["keep"], extra=extra)
                 loss, _ = loss_from_target(F, x_t, t, F_minus, g, head(t), **kw)
         with stage("student_fwd_bwd"):  # line 17's gradient, clipped (one process: no all-reduce)
-            opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         with stage("optimizer"):  # line 17's step, skipped on NaN/Inf as train.train does
