@@ -29,13 +29,13 @@ def set_threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
-@torch.no_grad()
 def ema_of(model: torch.nn.Module, decay: float) -> torch.nn.Module:
     """The EMA's module: a frozen copy of model, or with decay 0 the model itself (the raw student
     is the evaluated one; no second copy of its weights, as the TBCM code runs without EMA)."""
     return model if decay == 0 else copy.deepcopy(model).requires_grad_(False).eval()
 
 
+@torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
     """EMA of a model's parameters with the usual warm-up: β = min(decay, (1 + k)/(10 + k))."""
     if ema is model:  # decay 0 (ema_of)

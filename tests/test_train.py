@@ -213,3 +213,4 @@ def test_no_ema_copy_at_decay_0():
     assert ema is not net and not any(p.requires_grad for p in ema.parameters())
     runtime.ema_update(ema, torch.nn.Linear(3, 2), 0.9, 0)  # β = 0.1: moves towards the model
     assert not torch.equal(ema.weight, net.weight)
+    assert ema.weight.grad_fn is None and not ema.weight.requires_grad  # no graph kept
