@@ -21,6 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cost_report import TAB3_GB, claim_lines, paper_table
@@ -101,8 +103,6 @@ def write_inputs(work: Path, res: int, n: int) -> Path:
 def free_gb(device: str) -> float:
     """Memory free for a new part: MemAvailable, or the CUDA device's free memory."""
     if device.startswith("cuda"):
-        import torch
-
         return torch.cuda.mem_get_info()[0] / 2**30
     meminfo = Path("/proc/meminfo").read_text().splitlines()
     return next(int(x.split()[1]) for x in meminfo if x.startswith("MemAvailable")) / 2**20
