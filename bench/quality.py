@@ -2,7 +2,8 @@
 
 Each variant × seed is one `python train.py` process; the script gathers their metrics.json into
 JSON and a markdown table (mean ± std over seeds of distance and alignment for teacher@N and
-student@1/2/4), with a paired-seed verdict per claim of the paper.
+student@1/2/4), with a paired-seed verdict per claim of the paper (bench/quality_report.py). Seeds
+already in the table's JSON are kept, so more seeds cost only their own runs.
     python bench/quality.py --table main --seeds 0 1 2          # TBCM vs sCM (Tab. 2 analogue)
 """
 
@@ -16,6 +17,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from quality_report import SAMPLERS, write
 
 from config import Config, Parser, UsageError, parse_args, validate
 
@@ -41,51 +44,31 @@ TABLES = {  # variant name → extra train.py flags
     # Tab. 7: r rises linearly to r_final over H steps and stays, vs up to 1, later down to r_final
     "r_schedule": {"warmup to r_final": ["--r-direct"], "warmup-cooldown": []},
 }
-# the paper's claims per table: (claim, better variant, worse variant), checked at 1 and 2 steps
-CLAIMS = {
-    "main": [("TBCM beats sCM at equal steps and pairs (Tab. 2)", "TBCM", "sCM P_mean 0.2")],
-    "schemes": [
-        ("reference route beats logit-normal (Tab. 4)", "reference", "logit_normal"),
-        ("logit-normal beats random (Tab. 4)", "logit_normal", "random"),
-    ],
-    "steps": [
-        ("N = 20 beats N = 8 (Tab. 5)", "N=20", "N=8"),
-        ("N = 16 beats N = 12 (Tab. 5)", "N=16", "N=12"),
-    ],
-    "r_final": [
-        ("r_final 0.75 beats 0.5 (Tab. 6)", "r_final=0.75", "r_final=0.5"),
-        ("r_final 0.75 beats 1.0 (Tab. 6)", "r_final=0.75", "r_final=1.0"),
-    ],
-    "r_schedule": [
-        (
-            "warm-up–cool-down beats warm-up to r_final (Tab. 7)",
-            "warmup-cooldown",
-            "warmup to r_final",
-        )
-    ],
-}
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-
-
-def verdict(better: list[float], worse: list[float]) -> dict:
-    """Paired by seed (same teacher, same evaluation noise): d = better − worse, the 95 % t-interval
-    of its mean. Below 0 throughout: reproduced; above 0: not reproduced (the opposite holds); else
-    inconclusive."""
-    d = [b - w for b, w in zip(better, worse, strict=True)]
-    m = statistics.mean(d)
-    half = T975[len(d) - 1] * statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else float("inf")
-    lo, hi = m - half, m + half
-    word = "reproduced" if hi < 0 else "not reproduced" if lo > 0 else "inconclusive"
-    return {"diff": m, "ci95": [lo, hi], "verdict": word}
-
-
-SAMPLERS = ("teacher@N", "student@1", "student@2", "student@4")
 
 
 def run_dir(backbone: str, flags: list[str], seed: int, runs: Path) -> Path:
     """Named by the flags, not the variant: identical runs (the default) are shared by tables."""
     tag = "_".join(f.lstrip("-").replace("-", "_") for f in flags) or "default"
     return runs / f"{backbone}-{tag}-s{seed}"
+
+
+def done(backbone: str, flags: list[str], seed: int, runs: Path) -> bool:
+    return (run_dir(backbone, flags, seed, runs) / "metrics.json").exists()
+
+
+def kept(before: dict | None, extra: list[str], name: str, seed: int) -> dict | None:
+    """A run's metrics as far as the table needs them, from the table's earlier JSON (same extra
+    flags): more seeds can be added without training the old ones again. None if absent."""
+    if before is None or before["extra_flags"] != extra or seed not in before["seeds"]:
+        return None
+    if name not in before["variants"]:
+        return None
+    i, v = before["seeds"].index(seed), before["variants"][name]
+    ev = {smp: {q: v[smp][q][i] for q in ("distance", "alignment")} for smp in SAMPLERS}
+    for smp in SAMPLERS:
+        ev[smp]["nfe"] = v[smp].get("nfe")
+    ev |= {"data": {"distance": before["floor"]}, "distance_name": before["distance_name"]}
+    return {"train": {"steps": v["steps"], "wall_s": v["wall_s"][i]}, "eval": ev}
 
 
 def run_variant(backbone: str, flags: list[str], seed: int, runs: Path) -> dict:
@@ -109,10 +92,6 @@ def run_variant(backbone: str, flags: list[str], seed: int, runs: Path) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
-def mean_std(v: list[float]) -> str:
-    return f"{statistics.mean(v):.3f} ± {statistics.stdev(v):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
-
-
 def parser() -> Parser:
     p = Parser(description=__doc__.split("\n")[0], epilog="after --: more train.py flags, for all")
     add = p.add_argument
@@ -129,6 +108,11 @@ def parser() -> Parser:
         action="store_true",
         help="no training: the table's markdown and verdicts "
         "again from its JSON in --results (default: off)",
+    )
+    add(
+        "--readme",
+        action="store_true",
+        help="also replace the table's block in README.md (default: off)",
     )
     return p
 
@@ -147,18 +131,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if a.rewrite:
-        write(json.loads(path.read_text()), path.parent)
+        write(json.loads(path.read_text()), path.parent, a.readme)
         return 0
-    variants = TABLES[a.table]
+    variants, runs = TABLES[a.table], ROOT / a.runs
+    before = json.loads(path.read_text()) if path.exists() else None
     jobs = [(name, [*f, *extra], s) for name, f in variants.items() for s in a.seeds]
-    runs = ROOT / a.runs
-    # the first run alone: it trains and caches the teacher the others then load
-    first = run_variant(a.backbone, jobs[0][1], jobs[0][2], runs)
+    got = {
+        (n, s): kept(before, extra, n, s) for n, f, s in jobs if not done(a.backbone, f, s, runs)
+    }
+    todo = [j for j in jobs if got.get((j[0], j[2])) is None]
+    if todo:  # the first run alone: it trains and caches the teacher the others then load
+        got[todo[0][0], todo[0][2]] = run_variant(a.backbone, todo[0][1], todo[0][2], runs)
     with ThreadPoolExecutor(a.jobs) as pool:
-        rest = list(pool.map(lambda j: run_variant(a.backbone, j[1], j[2], runs), jobs[1:]))
+        ms = pool.map(lambda j: run_variant(a.backbone, j[1], j[2], runs), todo[1:])
+        got |= {(name, s): m for (name, _, s), m in zip(todo[1:], ms, strict=True)}
     res: dict[str, list[dict]] = {name: [] for name in variants}
-    for (name, _, _), m in zip(jobs, [first, *rest], strict=True):
-        res[name].append(m)
+    for name, f, s in jobs:  # finished runs (metrics.json) are read, not run again
+        res[name].append(got.get((name, s)) or run_variant(a.backbone, f, s, runs))
     floor = [m["eval"]["data"]["distance"] for ms in res.values() for m in ms]
     dname = next(iter(res.values()))[0]["eval"]["distance_name"]
     summary = {
@@ -179,44 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                 "alignment": [m["eval"][smp]["alignment"] for m in ms],
                 "nfe": ms[0]["eval"][smp]["nfe"],
             }
-    write(summary, ROOT / a.results)
+    write(summary, ROOT / a.results, a.readme)
     return 0
-
-
-def teacher_nfe(summary: dict) -> int:
-    """teacher@N's network evaluations (2 per step: CFG), for summaries older than their `nfe`."""
-    cfg = parse_args(["--backbone", summary["backbone"], *summary["extra_flags"]])
-    return 2 * cfg.eval_teacher_steps
-
-
-def write(summary: dict, out: Path) -> None:
-    """The markdown table and one verdict per claim (also into the JSON) from a summary."""
-    table, n = summary["table"], len(summary["seeds"])
-    lines = [
-        f"| variant | sampler | {summary['distance_name']} ↓ | alignment ↑ | NFE |",
-        "|---|---|---|---|---|",
-    ]
-    for name, v in summary["variants"].items():
-        for smp in SAMPLERS:
-            teacher = smp == "teacher@N"
-            nfe = (v[smp].get("nfe") or teacher_nfe(summary)) if teacher else int(smp[-1])
-            d, al = mean_std(v[smp]["distance"]), mean_std(v[smp]["alignment"])
-            lines.append(f"| {name} | {smp} | {d} | {al} | {nfe} |")
-    lines.append(f"| real data (floor) | – | {summary['floor']:.3f} | – | – |")
-    summary["claims"] = []
-    for claim, better, worse in CLAIMS.get(table, []):
-        for smp in ("student@1", "student@2"):
-            b, w = (summary["variants"][x][smp]["distance"] for x in (better, worse))
-            v = verdict(b, w)
-            summary["claims"].append({"claim": claim, "sampler": smp, **v})
-            lines.append(
-                f"\n{claim}, {smp}: {v['verdict']} (difference {v['diff']:+.2f}, 95 % CI "
-                f"[{v['ci95'][0]:+.2f}, {v['ci95'][1]:+.2f}] over {n} paired seeds)"
-            )
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"quality_{summary['backbone']}_{table}.json").write_text(json.dumps(summary, indent=1))
-    (out / f"quality_{summary['backbone']}_{table}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -18,10 +18,12 @@ import cost_worker
 import numpy as np
 import pytest
 import quality
+import quality_report
 import torch
 
 import backbones
 import bank
+import report
 import train
 from config import parse_args
 from pairs import SCMPairs, TBCMPairs
@@ -172,12 +174,17 @@ def test_cost_claim_lines_compare_with_the_papers_ratios():
 
 def test_quality_verdicts_are_paired_t_intervals():
     """d = better − worse per seed; 95 % t-interval (df = n − 1) of its mean decides the verdict."""
-    v = quality.verdict([10.0, 11.0, 12.5], [12.0, 13.5, 14.0])  # d = −2, −2.5, −1.5
+    v = quality_report.verdict([10.0, 11.0, 12.5], [12.0, 13.5, 14.0])  # d = −2, −2.5, −1.5
     half = 4.303 * 0.5 / math.sqrt(3)
     assert math.isclose(v["diff"], -2.0) and v["verdict"] == "reproduced"
     assert math.isclose(v["ci95"][0], -2.0 - half) and math.isclose(v["ci95"][1], -2.0 + half)
-    assert quality.verdict([10.0, 14.0, 12.0], [12.0, 11.0, 12.5])["verdict"] == "inconclusive"
-    assert quality.verdict([13.0, 14.0, 15.0], [12.0, 12.5, 13.0])["verdict"] == "not reproduced"
+    assert (
+        quality_report.verdict([10.0, 14.0, 12.0], [12.0, 11.0, 12.5])["verdict"] == "inconclusive"
+    )
+    assert (
+        quality_report.verdict([13.0, 14.0, 15.0], [12.0, 12.5, 13.0])["verdict"]
+        == "not reproduced"
+    )
 
 
 def test_quality_write_table_and_claims(tmp_path):
@@ -187,7 +194,7 @@ def test_quality_write_table_and_claims(tmp_path):
     def v(d):
         return {
             smp: {"distance": [x + i for x in d], "alignment": [1.0, 1.0, 1.0], "nfe": 1}
-            for i, smp in enumerate(quality.SAMPLERS)
+            for i, smp in enumerate(quality_report.SAMPLERS)
         }
 
     summary = {
@@ -202,13 +209,58 @@ def test_quality_write_table_and_claims(tmp_path):
             "warmup-cooldown": v([10.0, 11.0, 12.5]),
         },
     }
-    quality.write(summary, tmp_path)
+    quality_report.write(summary, tmp_path)
     md = (tmp_path / "quality_digits_r_schedule.md").read_text().splitlines()
-    assert sum(line.startswith("| warmup") for line in md) == 2 * len(quality.SAMPLERS)
+    assert sum(line.startswith("| warmup") for line in md) == 2 * len(quality_report.SAMPLERS)
     verdicts = [line for line in md if "paired seeds" in line]
     assert len(verdicts) == 2 and all(": reproduced (difference -2.00" in line for line in verdicts)
     saved = json.loads((tmp_path / "quality_digits_r_schedule.json").read_text())
     assert [c["verdict"] for c in saved["claims"]] == ["reproduced", "reproduced"]
+
+
+def test_quality_seeds_to_resolve():
+    """An inconclusive claim names the fewest seeds whose interval would exclude 0 at the observed
+    mean difference and spread (d = −1, −3, +1: mean −1, sd 2)."""
+    v = quality_report.verdict([9.0, 7.0, 11.0], [10.0, 10.0, 10.0])
+    k = v["seeds_to_resolve"]
+    assert v["verdict"] == "inconclusive" and k > 3
+    assert quality_report.half_width(2.0, k) < 1 <= quality_report.half_width(2.0, k - 1)
+    assert quality_report.T975[30] == 2.042 and quality_report.half_width(2.0, 100) < 0.42
+    assert "seeds_to_resolve" not in quality_report.verdict([1.0, 2.0, 3.0], [3.0, 4.5, 5.0])
+
+
+def fake_metrics(distance: float) -> dict:
+    ev = {smp: {"distance": distance, "alignment": 1.0, "nfe": 1} for smp in quality.SAMPLERS}
+    ev |= {"data": {"distance": 5.0}, "distance_name": "fd"}
+    return {"train": {"steps": 10, "wall_s": 1.0}, "eval": ev}
+
+
+def test_quality_more_seeds_keep_the_old_ones(tmp_path, monkeypatch):
+    """Seeds in the table's JSON are not trained again; new seeds join them in seed order."""
+    trained = []
+
+    def run_variant(backbone, flags, seed, runs):
+        trained.append((tuple(flags), seed))
+        return fake_metrics(10.0 + seed + 5 * ("--method" in flags))
+
+    monkeypatch.setattr(quality, "run_variant", run_variant)
+    argv = ["--table", "r_schedule", "--results", str(tmp_path), "--runs", str(tmp_path / "r")]
+    assert quality.main([*argv, "--seeds", "0", "2"]) == 0
+    assert len(trained) == 4
+    trained.clear()
+    assert quality.main([*argv, "--seeds", "0", "1", "2"]) == 0
+    assert sorted(seed for _, seed in trained) == [1, 1]  # one new seed per variant
+    d = json.loads((tmp_path / "quality_digits_r_schedule.json").read_text())
+    assert d["seeds"] == [0, 1, 2]
+    assert d["variants"]["warmup-cooldown"]["student@1"]["distance"] == [10.0, 11.0, 12.0]
+
+
+@pytest.mark.parametrize("table", sorted(quality.TABLES))
+def test_readme_quality_blocks_are_the_committed_json(table):
+    """The README's tables and claim lines are what `--rewrite --readme` renders from the JSON."""
+    summary = json.loads((ROOT / "bench" / "results" / f"quality_digits_{table}.json").read_text())
+    want = quality_report.readme_markdown({**summary, "claims": quality_report.claims(summary)})
+    assert report.block(ROOT / "README.md", f"quality_{table}") == want.rstrip("\n")
 
 
 @pytest.mark.parametrize(
