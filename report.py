@@ -1,9 +1,11 @@
 """The run's figures and summary: samples.png (teacher N-step beside student 1/2/4-step on the same
 noise and prompts) and training.png (loss, ‖g‖, r, kept share by step), from metrics and log.jsonl.
-Matplotlib lives here and in analysis/, never in the concept files.
+Matplotlib lives here and in analysis/, never in the concept files. Also the README's generated
+blocks: numbers that scripts write between `<!-- key -->` and `<!-- /key -->` from their JSON.
 """
 
 import json
+import os
 from pathlib import Path
 
 import matplotlib
@@ -84,3 +86,23 @@ def summary(metrics: dict, run: Path) -> None:
                 f"nfe {v['nfe']:3d}  {v['samples_per_s']:.0f} samples/s"
             )
     print(f"  run directory: {run}")
+
+
+def block(path: Path, key: str) -> str:
+    """The text between the lines `<!-- key -->` and `<!-- /key -->` of a markdown file."""
+    text, begin, end = path.read_text(), f"<!-- {key} -->\n", f"\n<!-- /{key} -->"
+    i, j = text.find(begin), text.find(end)
+    if i < 0 or j < i:
+        raise ValueError(f"{path} has no block <!-- {key} --> … <!-- /{key} -->")
+    return text[i + len(begin) : j]
+
+
+def replace_block(path: Path, key: str, new: str) -> None:
+    """Replace block(path, key) with `new` (written to a sibling, then renamed in one step)."""
+    text, old = path.read_text(), block(path, key)
+    begin = f"<!-- {key} -->\n"
+    i = text.find(begin) + len(begin)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    tmp.write_text(text[:i] + new.rstrip("\n") + text[i + len(old) :])
+    os.replace(tmp, path)
+    print(f"replaced the block {key} in {path}")

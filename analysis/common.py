@@ -18,16 +18,19 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 import backbones  # noqa: E402
+import report  # noqa: E402
 import toy  # noqa: E402
-from config import Config, Parser, UsageError, parse_args, validate  # noqa: E402
-from trajectory import TrigFlowModel, reference_route, rollout  # noqa: E402
-from trigflow import SIGMA_D, TrigFlow, diffuse, equivalent_noise, x0_from_F  # noqa: E402
+from config import Config, Parser, UsageError, floats, parse_args, validate  # noqa: E402
+from trajectory import reference_route, rollout  # noqa: E402
+from trigflow import SIGMA_D, TrigFlow  # noqa: E402
 
 BACKBONES = ("digits", "toy2d", "sana")
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def parser(description: str) -> Parser:
-    """The flags every analysis script shares; scripts add their own."""
+def parser(description: str, sweep_w: tuple[float, ...] = ()) -> Parser:
+    """The flags every analysis script shares; scripts add their own. With sweep_w, --w takes a
+    comma-separated list of CFG scales and defaults to sweep_w."""
     p = Parser(description=description)
     p.add_argument(
         "--backbone", choices=BACKBONES, default="digits", help="the teacher (default: digits)"
@@ -54,12 +57,22 @@ def parser(description: str) -> Parser:
         default=0,
         help="toy teacher FM steps (default 0: toy_teacher.TEACHERS)",
     )
-    p.add_argument(
-        "--w",
-        type=float,
-        default=None,
-        help="teacher CFG scale (default: train.py's --eval-w: digits 2, toy2d 1, sana 4.5)",
-    )
+    if sweep_w:
+        p.add_argument(
+            "--w",
+            type=floats,
+            default=sweep_w,
+            help="teacher CFG scales, one set of curves each (default: "
+            + ",".join(f"{w:g}" for w in sweep_w)
+            + ")",
+        )
+    else:
+        p.add_argument(
+            "--w",
+            type=float,
+            default=None,
+            help="teacher CFG scale (default: train.py's --eval-w: digits 2, toy2d 1, sana 4.5)",
+        )
     p.add_argument(
         "--shift",
         type=float,
@@ -146,80 +159,32 @@ def data_x0(
     n: int,
     g: torch.Generator,
     a: argparse.Namespace,
+    w: float,
     N: int = 32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """n samples x0 (TrigFlow units) with prompts: held-out data (no replacement while it lasts);
-    for image-free backbones the teacher's own samples (reference route of N steps, fresh noise)."""
+    for image-free backbones the teacher's own samples at CFG scale w (reference route of N steps,
+    fresh noise)."""
     real = held_out(a)
     if real is not None:
         x, y = real
         i = torch.cat([torch.randperm(len(x), generator=g) for _ in range(-(-n // len(x)))])[:n]
         return x[i.to(x.device)], y[i.to(y.device)]
-    p, w = prompts(n, T, a.device), torch.full((n,), a.w, device=a.device)
+    p, w_b = prompts(n, T, a.device), torch.full((n,), w, device=a.device)
     z = noise(n, T.data_shape, g, a.device)
-    return rollout(F, z, reference_route(N, a.shift), T.cond(p), w, SIGMA_D).x0, p
-
-
-# ----------------------------------------------------------------------- Eq. 8 along both processes
-@torch.no_grad()
-def forward_noise(
-    F: TrigFlowModel,
-    x0: torch.Tensor,
-    z: torch.Tensor,
-    times: torch.Tensor,
-    cond,
-    w: torch.Tensor | None,
-    sigma_d: float,
-) -> torch.Tensor:
-    """Eq. (8) along forward diffusion at each time: [T, B, ...] (equals z when x̂0 = x0)."""
-    out = []
-    for t_i in times:
-        t = t_i.to(z.dtype).expand(len(z))
-        x_t = diffuse(x0, z, t)
-        # x̂0 = cos t·x_t − sin t·σ_d·F(x_t/σ_d, t, cond, w)
-        x0_hat = x0_from_F(x_t, t, F(x_t / sigma_d, t, cond, w), sigma_d)
-        out.append(equivalent_noise(x_t, t, x0_hat))
-    return torch.stack(out)
-
-
-@torch.no_grad()
-def backward_noise(
-    F: TrigFlowModel,
-    z: torch.Tensor,
-    times: torch.Tensor,
-    cond,
-    w: torch.Tensor | None,
-    sigma_d: float,
-) -> torch.Tensor:
-    """Eq. (8) along the teacher ODE from z_T = z (Eq. 9 on `times`, first π/2): [T, B, ...]."""
-    p = rollout(F, z, times, cond, w, sigma_d, keep_first=True)  # time-major: [T·B, ...]
-    # x̂0 = cos t·x_t − sin t·dx_t/dt  (σ_d·F = dx_t/dt)
-    x0_hat = x0_from_F(p.x_t, p.t, p.dxdt / sigma_d, sigma_d)
-    return equivalent_noise(p.x_t, p.t, x0_hat).reshape(len(times), *z.shape)
-
-
-def cosine(noise: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """Per-sample cosine similarity of equivalent noises [T, B, ...] with z [B, ...]: [T, B]."""
-    return torch.nn.functional.cosine_similarity(noise.flatten(2), z.flatten(1)[None], dim=-1)
-
-
-def both(T: backbones.Teacher, F: TrigFlow, a: argparse.Namespace, n: int, N: int):
-    """Route times [N] (π/2 … > 0), z [n, ...], forward and backward equivalent noise [N, n, ...].
-
-    Both processes share z and the prompts: forward diffuses real x0 (independent of z) with z,
-    backward starts the teacher ODE at z_T = z."""
-    g = torch.Generator().manual_seed(a.seed)
-    x0, prompt = data_x0(T, F, n, g, a)
-    z = noise(n, T.data_shape, g, a.device)
-    cond, w = T.cond(prompt), torch.full((n,), a.w, device=a.device)
-    times = reference_route(N, a.shift)  # descending, last > 0: Eq. 8 is undefined at t = 0
-    forward = forward_noise(F, x0, z, times, cond, w, SIGMA_D)
-    return times, z, forward, backward_noise(F, z, times, cond, w, SIGMA_D)
+    return rollout(F, z, reference_route(N, a.shift), T.cond(p), w_b, SIGMA_D).x0, p
 
 
 # ------------------------------------------------------------------------------------------- output
-def write(a: argparse.Namespace, name: str, numbers: dict, fig: plt.Figure) -> None:
-    """<out>/<name>.json (with the flags) and <out>/<name>.png."""
+def write(
+    a: argparse.Namespace,
+    name: str,
+    numbers: dict,
+    fig: plt.Figure,
+    summary: Callable[[dict], str] | None = None,
+) -> None:
+    """<out>/<name>.json (with the flags) and .png; with `summary` (numbers → markdown) also .md,
+    printed, and with --readme put into README.md's block `<!-- name -->`."""
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     numbers = {"args": dict(vars(a)), **numbers}
@@ -227,6 +192,21 @@ def write(a: argparse.Namespace, name: str, numbers: dict, fig: plt.Figure) -> N
     fig.savefig(out / f"{name}.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
     print(f"wrote {out / name}.json and .png")
+    if summary is not None:
+        md = summary(numbers)
+        (out / f"{name}.md").write_text(md)
+        print(md)
+        if getattr(a, "readme", False):
+            report.replace_block(README, name, md)
+
+
+def readme_flag(p: Parser) -> None:
+    """--readme: the script's numbers also replace its block in README.md."""
+    p.add_argument(
+        "--readme",
+        action="store_true",
+        help="also replace this script's numbers in README.md (default: off)",
+    )
 
 
 def show(ax: plt.Axes, x: torch.Tensor, kind: str, scale: float = 1.0) -> None:

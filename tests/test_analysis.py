@@ -7,11 +7,19 @@ import numpy as np
 import pytest
 import torch
 
-import config
-from analysis import equivalent_noise, predicted_x0, sampling_schemes, tsne
-from analysis.common import backward_noise, cosine, forward_noise
+import report
+from analysis import common, equivalent_noise, predicted_x0, readings, sampling_schemes, tsne
+from analysis.readings import (
+    backward_noise,
+    cosine,
+    curves,
+    energy_ratio,
+    forward_noise,
+    projection_ratio,
+)
 from oracles import Gaussian
 from trajectory import reference_route, rollout
+from trigflow import TrigFlow
 
 SIGMA_D = 0.5
 TIMES = torch.tensor([math.pi / 2, 1.2, 0.7, 0.3, 0.05], dtype=torch.float64)  # descending, > 0
@@ -77,6 +85,71 @@ def test_gaussian_backward_stays_parallel_to_z_T(float64):
     assert fwd[-1].mean() < 0.5 < fwd[len(times) // 2].mean()
 
 
+class GaussianClasses:
+    """An exact flow-matching teacher: class c ~ N(μ_c, S² I), class K the unconditional one,
+    N(μ_K, S² I). Its CFG TrigFlow view at scale w is exactly the Gaussian teacher with mean
+    μ_w = μ_K + w·(μ_c − μ_K) (Eq. 7 and the velocity are affine in μ, with equal S)."""
+
+    def __init__(self, mu: torch.Tensor, S):
+        self.mu, self.S = mu, S  # [K + 1, D]
+
+    def __call__(self, x_fm, s, cond, guidance=None):
+        return Gaussian(self.mu[cond], self.S, SIGMA_D).v(x_fm, s)
+
+    def mu_w(self, c: torch.Tensor, w: float) -> torch.Tensor:
+        return self.mu[-1] + w * (self.mu[c] - self.mu[-1])
+
+
+def cfg_gaussian(D: int, S, n: int, seed: int):
+    """The teacher, its CFG TrigFlow view, class labels, data x0 of those classes and noise z."""
+    g = torch.Generator().manual_seed(seed)
+    V = GaussianClasses(0.6 * torch.randn(4, D, generator=g), S)
+    c = torch.arange(n) % 3
+    x0 = SIGMA_D * (V.mu[c] + V.S * torch.randn(n, D, generator=g))
+    z = SIGMA_D * torch.randn(n, D, generator=g)
+    return V, TrigFlow(V, uncond=torch.tensor(3)), c, x0, z
+
+
+@pytest.mark.parametrize("w", [0.0, 1.0, 2.5])
+def test_three_readings_against_the_exact_gaussian_teacher(float64, w):
+    """Each curve of readings.curves against its closed form, through the CFG teacher at w:
+    (a) is z, so its cosine is 1 at every t; (b) is E_w[z | x_t] ∝ x_t/σ_d − cos t·μ_w, so its
+    cosine is cos(cos t·x0/σ_d + sin t·z/σ_d − cos t·μ_w, z) per sample; backward is parallel to
+    z_T at every t on any route (the exact Eq. 9 step keeps x_t/σ_d − cos t·μ_w ∝ z_T: a ray)."""
+    V, F, c, x0, z = cfg_gaussian(5, 0.7, 64, seed=3)
+    for N in (6, 40):
+        times = reference_route(N, 2.5)
+        e = curves(F, x0, z, times, c, torch.full((64,), w), SIGMA_D)
+        ones = torch.ones(N, 64)
+        assert torch.allclose(cosine(e["forward_known"], z), ones, atol=1e-12, rtol=0)
+        t = times[:, None, None]
+        r = torch.cos(t) * x0 / SIGMA_D + torch.sin(t) * z / SIGMA_D - torch.cos(t) * V.mu_w(c, w)
+        assert torch.allclose(cosine(e["forward_model"], z), cosine(r, z), atol=1e-10, rtol=0)
+        assert torch.allclose(cosine(e["backward"], z), ones, atol=1e-10, rtol=0)
+    # an exact posterior mean has at most z's energy, E‖E[z | x_t]‖²/E‖z‖² = sin²t/V (per dim),
+    # and as much projection on z: E⟨E[z | x_t], z⟩ = E‖E[z | x_t]‖²
+    V, F, c, x0, z = cfg_gaussian(4, 0.7, 8192, seed=4)
+    times = reference_route(6, 2.5)
+    noise = forward_noise(F, x0, z, times, c, torch.ones(8192), SIGMA_D)
+    closed = torch.sin(times) ** 2 / (torch.cos(times) ** 2 * 0.7**2 + torch.sin(times) ** 2)
+    assert torch.allclose(energy_ratio(noise, z), closed, rtol=0.03, atol=0)
+    assert torch.allclose(projection_ratio(noise, z), closed, rtol=0.03, atol=0.005)
+    assert (closed <= 1).all()
+
+
+def test_reading_b_keeps_the_noise_off_the_data(float64):
+    """The data's dimension in reading (b): data spread over d of D dims (S = 0 on the rest). As
+    t → 0 an exact teacher knows the other D − d components of z exactly and none of the d, so
+    cos(E[z | x_t], z) → ‖z_normal‖/‖z‖ ≈ √((D − d)/D), not 0: low-dimensional data keeps (b) up."""
+    S = torch.tensor([0.8, 0.8, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    V, F, c, x0, z = cfg_gaussian(8, S, 256, seed=5)
+    t = torch.tensor([1e-4])
+    cos = cosine(forward_noise(F, x0, z, t, c, torch.ones(256), SIGMA_D), z)[0]
+    normal = z[:, 2:].norm(dim=1) / z.norm(dim=1)
+    assert torch.allclose(cos, normal, atol=1e-3, rtol=0)
+    assert abs(cos.mean() - math.sqrt(6 / 8)) < 0.05
+
+
 def test_knn_two_sample_test():
     """0.5 for two samples of one distribution, 1 for disjoint ones."""
     r = np.random.default_rng(0)
@@ -104,27 +177,64 @@ def run(script, tmp_path, cache, backbone, *flags):
 
 @pytest.mark.parametrize("backbone", ["toy2d", "digits"])
 def test_equivalent_noise_script(tmp_path, cache, backbone):
-    d = run(equivalent_noise, tmp_path, cache, backbone, "--n", "16", "--N", "6")
+    d = run(equivalent_noise, tmp_path, cache, backbone, "--n", "16", "--N", "6", "--w", "0,2")
     assert len(d["t"]) == 6 and all(0 < t <= math.pi / 2 for t in d["t"])
-    for k in ("forward", "backward"):
-        assert len(d[k]["cos_mean"]) == len(d[k]["cos_std"]) == 6
-        assert all(-1 <= c <= 1 + 1e-6 for c in d[k]["cos_mean"])
-        assert d[k]["cos_mean"][0] == pytest.approx(1, abs=1e-5)  # t = π/2: Noise_eqv = x_t = z
+    assert [e["w"] for e in d["by_w"]] == [0.0, 2.0] and d["panel_w"] == 2.0
+    assert set(d["readings"]) == {"forward_known", "forward_model", "backward"}
+    for e in d["by_w"]:
+        for k in d["readings"]:
+            keys = ("cos_mean", "cos_std", "energy_ratio", "projection_ratio")
+            assert [len(e[k][q]) for q in keys] == [6] * 4
+            assert all(-1 <= c <= 1 + 1e-6 for c in e[k]["cos_mean"])
+            assert e[k]["cos_mean"][0] == pytest.approx(1, abs=1e-5)  # t = π/2: x_t = z
+        assert e["forward_known"]["cos_mean"] == pytest.approx([1] * 6, abs=1e-5)
+    # the w = 0 and w = 2 teachers differ, the known noise does not
+    assert d["by_w"][0]["backward"] != d["by_w"][1]["backward"]
+    assert d["by_w"][0]["forward_known"] == d["by_w"][1]["forward_known"]
+    md = (tmp_path / backbone / "equivalent_noise.md").read_text()
+    assert md == equivalent_noise.summary(d) and md.count("\n") == 2 + 3 * 2
 
 
 def test_equivalent_noise_is_deterministic(tmp_path, cache):
-    a = run(equivalent_noise, tmp_path / "a", cache, "toy2d", "--n", "8", "--N", "4", "--seed", "3")
-    b = run(equivalent_noise, tmp_path / "b", cache, "toy2d", "--n", "8", "--N", "4", "--seed", "3")
-    assert a["forward"] == b["forward"] and a["backward"] == b["backward"]
+    flags = ["--n", "8", "--N", "4", "--seed", "3", "--w", "1"]
+    a = run(equivalent_noise, tmp_path / "a", cache, "toy2d", *flags)
+    b = run(equivalent_noise, tmp_path / "b", cache, "toy2d", *flags)
+    assert a["by_w"] == b["by_w"]
+
+
+@pytest.mark.parametrize("script", [equivalent_noise, tsne])
+def test_readme_blocks_are_the_committed_json(script):
+    """The README's Finding-2 numbers are summary(docs/<name>.json), as `--out docs --readme`
+    writes them; the committed run used the defaults (digits, the full sweep)."""
+    name = script.__name__.split(".")[-1]
+    d = json.loads((common.README.parent / "docs" / f"{name}.json").read_text())
+    assert d["args"]["backbone"] == "digits" and tuple(d["args"]["w"]) == readings.SWEEP_W
+    assert report.block(common.README, name) == script.summary(d).rstrip("\n")
+
+
+def test_replace_block(tmp_path):
+    p = tmp_path / "R.md"
+    p.write_text("a\n<!-- x -->\nold\nlines\n<!-- /x -->\nb\n")
+    report.replace_block(p, "x", "new\n")
+    assert p.read_text() == "a\n<!-- x -->\nnew\n<!-- /x -->\nb\n"
+    assert report.block(p, "x") == "new"
+    with pytest.raises(ValueError, match="no block"):
+        report.block(p, "y")
 
 
 def test_tsne_script(tmp_path, cache):
-    d = run(tsne, tmp_path, cache, "toy2d", "--n", "20", "--N", "6", "--times", "1.2,0.2")
-    assert len(d["t"]) == 2 and len(d["tsne"]) == 2
-    for v in d["knn_accuracy"].values():
-        assert len(v) == 2 and all(0 <= x <= 1 for x in v)
-    sets = [e[k] for e in d["tsne"] for k in ("initial", "forward", "backward")]
+    flags = ["--n", "20", "--N", "6", "--times", "1.2,0.2", "--w", "1,4.5"]
+    d = run(tsne, tmp_path, cache, "toy2d", *flags)
+    assert len(d["t"]) == 2 and len(d["tsne"]) == 2 and d["tsne_w"] == 4.5
+    assert [e["w"] for e in d["by_w"]] == [1.0, 4.5]
+    for e in d["by_w"]:
+        assert set(e["knn_accuracy"]) == set(tsne.COMPARE)
+        for v in e["knn_accuracy"].values():
+            assert len(v) == 2 and all(0 <= x <= 1 for x in v)
+        assert e["norm_ratio"]["forward_known"] == pytest.approx([1, 1], abs=1e-5)  # it is z
+    sets = [e[k] for e in d["tsne"] for k in ("initial", "forward_model", "backward")]
     assert all(len(points) == 20 and len(points[0]) == 2 for points in sets)
+    assert (tmp_path / "toy2d" / "tsne.md").read_text() == tsne.summary(d)
 
 
 def test_sampling_schemes_script(tmp_path, cache):
@@ -161,6 +271,7 @@ def test_predicted_x0_script(tmp_path, cache, backbone):
         ["--backbone", "sana", "--pretrained", "/nowhere/sana"],
         ["--n", "1"],
         ["--teacher-steps", "-1"],
+        ["--w", "two"],
     ],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, argv):
@@ -172,10 +283,10 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, argv):
 
 @pytest.mark.slow
 def test_sana_tiny(tmp_path, cache):
-    """--backbone sana --tiny: teacher samples stand in for data; a latent [4, 8, 8]."""
+    """--backbone sana --tiny: teacher samples at each w stand in for data; a latent [4, 8, 8]."""
     out = tmp_path / "sana"
     flags = ["--backbone", "sana", "--tiny", "--cache-dir", str(cache), "--out", str(out)]
-    assert equivalent_noise.main([*flags, "--n", "4", "--N", "4"]) == 0
+    assert equivalent_noise.main([*flags, "--n", "4", "--N", "4", "--w", "1,4.5"]) == 0
     d = json.loads((out / "equivalent_noise.json").read_text())
-    assert len(d["backward"]["cos_mean"]) == 4
-    assert d["args"]["w"] == config.PRESETS["sana"]["eval_w"][0]  # train.py's evaluation CFG scale
+    assert [len(e["backward"]["cos_mean"]) for e in d["by_w"]] == [4, 4]
+    assert d["by_w"][0]["forward_model"] != d["by_w"][1]["forward_model"]

@@ -24,9 +24,10 @@ BY_FLOOR = {
     3: "backbones",
     4: "bank",
     5: "train analysis/common",
-    6: "analysis/equivalent_noise analysis/predicted_x0 analysis/sampling_schemes analysis/tsne "
-    "bench/bank_storage bench/quality bench/cost_step bench/cost_report",
-    7: "bench/cost_worker bench/cost_compose",  # a variant's process; paper-sana's parts composed
+    6: "analysis/readings analysis/predicted_x0 analysis/sampling_schemes "
+    "bench/bank_storage bench/quality_report bench/cost_step bench/cost_report",
+    # a variant's process; paper-sana's parts composed; Eq. 8's readings drawn
+    7: "bench/cost_worker bench/cost_compose bench/quality analysis/equivalent_noise analysis/tsne",
     8: "bench/cost bench/cost_stages",  # the cost bench's driver; paper-sana's stages
     9: "bench/cost_paper",  # one paper-sana part in its own process
 }
