@@ -3,6 +3,7 @@
 Flow-matching units at this interface (x_s = (1 − s)·x0 + s·ε, v = ε − x0, s ∈ [0, 1]); pairs.py and
 metrics.py wrap `velocity` in trigflow.TrigFlow (Eqs. 5–7), so trajectory.py, loss.py and
 sampler.py see TrigFlow units only (t = 0 is data, x0 there is σ_d·x0). A prompt is an index.
+Over 250 lines: the interface and both implementations, each with a full and a LoRA student.
 """
 
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+import lora
 import metrics
 import sana
 import sana_io
@@ -84,6 +86,9 @@ class ToyTeacher:
         return prompt
 
     def student(self) -> nn.Module:
+        if self.cfg.student == "lora":  # the teacher's own net; its passes in teacher mode
+            student, self.velocity = lora.toy_lora(self.net, self.cfg)
+            return student
         return toy_teacher.student_from_teacher(self.net).to(self.device)
 
     def real_data(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +115,13 @@ class ToyTeacher:
         return x0  # toy data are images in [−1, 1] already (or 2-D points)
 
     def export(self, student: nn.Module, folder: Path) -> None:
-        save_module(student, toy_teacher.TEACHERS[self.cfg.backbone], folder)
+        """The student net (a LoRA student merged), and a LoRA student's adapter beside it."""
+        cfg = toy_teacher.TEACHERS[self.cfg.backbone]
+        if self.cfg.student == "lora":
+            save_module(lora.merged_copy(student), cfg, folder)
+            lora.save_adapter(student, folder.with_name(folder.name + "_lora"))
+        else:
+            save_module(student, cfg, folder)
 
 
 class SanaTeacher:
@@ -169,7 +180,12 @@ class SanaTeacher:
         return embeds, mask
 
     def student(self) -> nn.Module:
-        return sana_student(self.parts.transformer, self.parts.timestep_scale, self.cfg)
+        tr, scale = self.parts.transformer, self.parts.timestep_scale
+        if self.cfg.student == "lora":  # one copy: the teacher is the student in teacher mode
+            student, self.velocity = lora.sana_lora(tr, scale, self.cfg)
+            self.parts.transformer = None
+            return student
+        return sana_student(tr, scale, self.cfg)
 
     def real_data(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Sana-Sprint (sCM baseline): n images drawn with replacement, read and DC-AE-encoded on
@@ -199,9 +215,14 @@ class SanaTeacher:
         return 2 * torch.cat([sana.decode(self.parts, x) for x in x0.split(B)]) - 1
 
     def export(self, student: nn.Module, folder: Path) -> None:
-        """A SanaSprintPipeline folder: the student's transformer with the teacher's other parts."""
+        """A SanaSprintPipeline folder: the student's transformer (a LoRA student merged) with the
+        teacher's other parts; a LoRA student's adapter beside it."""
+        lora_student = self.cfg.student == "lora"
+        merged = lora.merged_copy(student) if lora_student else student
         with sana_io.quiet_loading():
-            sana.export_student(student.transformer, self.parts, folder)
+            sana.export_student(merged.transformer, self.parts, folder)
+        if lora_student:
+            lora.save_adapter(student, folder.with_name(folder.name + "_lora"))
 
 
 def sana_student(tr: Any, timestep_scale: float, cfg: Config) -> nn.Module:
@@ -238,8 +259,14 @@ def build_student(cfg: Config) -> tuple[nn.Module, str]:
             tr, scale = sana.load_transformer(folder, cfg.device, frozen_dtype(cfg))
         except sana_io.SanaInputError as e:
             raise UsageError(str(e)) from e
+        if cfg.student == "lora":
+            student = lora.sana_lora(tr, scale, cfg)[0]
+            return student, student.base_sha256
         return sana_student(tr, scale, cfg), weights_sha256(tr)
     net = toy_net(cfg)
+    if cfg.student == "lora":
+        student = lora.toy_lora(net, cfg)[0]
+        return student, student.base_sha256
     return toy_teacher.student_from_teacher(net).to(cfg.device), weights_sha256(net)
 
 

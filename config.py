@@ -101,6 +101,13 @@ class Config:
     # text encoder (bf16 as the released checkpoints; the student is always fp32)
     vae_batch: int = 8  # sana: images per DC-AE call (sCM's real images, decoding); sCM's peak
     # memory grows with it (bench/cost.py)
+    student: Literal["full", "lora"] = "full"  # full: a trainable copy of the teacher (paper);
+    # lora (ours): the teacher's own module plus a LoRA adapter (peft), one copy of the weights
+    lora_rank: int = 16  # --student lora: the adapter's rank R
+    lora_alpha: float = 0.0  # --student lora: LoRA alpha, the update is scaled by alpha/R (0: R)
+    lora_targets: str = ""  # --student lora: comma-separated module-name suffixes to adapt (toy
+    # default: every Linear and Conv2d outside the guidance embedding; sana: to_q,to_k,to_v,to_out.0
+    # as diffusers' Sana LoRA scripts)
     bank: str = ""  # train from an offline bank of pairs (bank.py build): no teacher, text encoder
     # or VAE while training
     resume: bool = False  # continue the run in --out from its latest checkpoint
@@ -281,6 +288,8 @@ def from_bank(given: dict) -> dict:
 
 
 AT_LEAST = dict(
+    lora_rank=1,
+    lora_alpha=0,
     N=2,
     prompts=1,
     K=1,
@@ -334,6 +343,16 @@ def validate(cfg: Config, run_dir: bool = True) -> None:
         bad.append(
             f"cifar10 needs {f('data_dir')} path/to/cifar-10-batches-py (from "
             "https://www.cs.toronto.edu/~kriz/cifar.html; nothing is downloaded)"
+        )
+    lora = (c.lora_rank, c.lora_alpha, c.lora_targets) != (16, 0.0, "")
+    if c.student != "lora" and lora:
+        bad.append(
+            f"{f('lora_rank')}, {f('lora_alpha')} and {f('lora_targets')} need {f('student')} lora"
+        )
+    if c.student == "lora" and c.frozen_precision == "bf16" and c.precision != "bf16":
+        bad.append(
+            f"{f('student')} lora on a bf16 base ({f('frozen_precision')} bf16) needs "
+            f"{f('precision')} bf16: autocast mixes the bf16 base and the fp32 adapter"
         )
     if c.bank and c.method != "tbcm":
         bad.append(f"{f('bank')} holds TBCM trajectory pairs; drop {f('method')} scm")

@@ -31,8 +31,12 @@ def set_threads(n: int) -> None:
 
 def ema_of(model: torch.nn.Module, decay: float) -> torch.nn.Module:
     """The EMA's module: a frozen copy of model, or with decay 0 the model itself (the raw student
-    is the evaluated one; no second copy of its weights, as the TBCM code runs without EMA)."""
-    return model if decay == 0 else copy.deepcopy(model).requires_grad_(False).eval()
+    is the evaluated one; no second copy of its weights, as the TBCM code runs without EMA). The
+    copy shares the parameters that do not train (a LoRA student's base) with model."""
+    if decay == 0:
+        return model
+    shared = {id(p): p for p in model.parameters() if not p.requires_grad}
+    return copy.deepcopy(model, shared).requires_grad_(False).eval()
 
 
 @torch.no_grad()
@@ -42,7 +46,8 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step:
         return
     beta = min(decay, (1 + step) / (10 + step))
     for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
-        p_ema.lerp_(p, 1 - beta)
+        if p_ema is not p:  # shared: frozen
+            p_ema.lerp_(p, 1 - beta)
 
 
 def dist_init() -> tuple[int, int]:

@@ -164,8 +164,9 @@ def empty_prompt(parts: SanaParts, max_sequence_length: int) -> tuple[torch.Tens
     return encode_prompts(parts, [""], max_sequence_length, instruction=False)
 
 
-def make_student(teacher: Any, timestep_scale: float) -> Any:
-    """Sana-Sprint student (fp32): the teacher's weights + a guidance embedding (fed 0.1·w) at 0.
+def make_student(teacher: Any, timestep_scale: float, dtype: torch.dtype = torch.float32) -> Any:
+    """Sana-Sprint student (fp32; a LoRA student's base: the teacher's dtype): the teacher's
+    weights + a guidance embedding (fed 0.1·w) at 0.
 
     diffusers sums guidance_embedder(0.1·w) into the time embedding
     (SanaCombinedTimestepGuidanceEmbeddings). Zeroing its last linear makes the student equal the
@@ -197,7 +198,7 @@ def make_student(teacher: Any, timestep_scale: float) -> Any:
     torch.nn.init.zeros_(student.time_embed.guidance_embedder.linear_2.bias)
     # fp32 master weights whatever the teacher's dtype. Plain Module.to: diffusers' ModelMixin.to
     # logs a float32-modules warning on any dtype cast.
-    return torch.nn.Module.to(student, teacher.device, torch.float32)
+    return torch.nn.Module.to(student, teacher.device, dtype)
 
 
 class MatmulAttnProcessor:

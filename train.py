@@ -34,6 +34,7 @@ from tqdm import tqdm
 import backbones
 import bank
 import checkpoint
+import lora
 import report
 from config import Config, UsageError, parse_args, validate
 from loss import LogvarHead, r_schedule, scm_loss
@@ -70,6 +71,10 @@ def train(cfg: Config, student: nn.Module, source: PairSource, run: Path, rank=0
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     F_theta = TrigFlow(student, guidance_scale=cfg.guidance_scale)
     modules = dict(student=student, head=head) | ({} if ema is student else dict(ema=ema))
+    base = getattr(student, "base_sha256", None)  # a LoRA student: checkpoints hold what trains
+    if base:
+        names = lora.trainable_names(student)
+        modules = {k: m if k == "head" else lora.Trainable(m, names) for k, m in modules.items()}
     per_rank = cfg.prompts // world
     slots, per_step = range(rank * per_rank, (rank + 1) * per_rank), per_rank * cfg.K * (cfg.N - 1)
     r_of = dict(H=cfg.H, S_r=cfg.S_r, T_r=cfg.T_r, r_final=cfg.r_final, direct=cfg.r_direct)
@@ -79,6 +84,11 @@ def train(cfg: Config, student: nn.Module, source: PairSource, run: Path, rank=0
     st |= dict(pool=-1, pool_pos=0)
     if cfg.resume:
         tensors, meta = checkpoint.load(checkpoint.latest(run / "checkpoints"))
+        if meta.get("base_sha256") != base:
+            raise UsageError(
+                f"--resume: the checkpoint in {run} was trained on other base weights than this "
+                "teacher's (LoRA students hold only their adapter); use the same teacher"
+            )
         checkpoint.unpack_state(modules, opt, tensors, meta["optimizer"])
         st = meta["train"]
         if rank == 0:
@@ -91,6 +101,7 @@ def train(cfg: Config, student: nn.Module, source: PairSource, run: Path, rank=0
         if rank == 0:
             tensors, opt_meta = checkpoint.pack_state(modules, opt)
             state = {"train": st, "optimizer": opt_meta, "config": dataclasses.asdict(cfg)}
+            state |= {"base_sha256": base} if base else {}
             checkpoint.save(run / "checkpoints", st["step"], tensors, state)
 
     steps, name = range(st["step"], cfg.steps), f"{cfg.method} {cfg.backbone}"

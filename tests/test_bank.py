@@ -308,11 +308,12 @@ def test_another_teacher_is_refused(digits_bank, cache, tmp_path, capsys):
     assert "other pairs" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("frozen", ["fp32", "bf16"])
-def test_sana_bank_matches_online_without_text_encoder(frozen, tmp_path, monkeypatch):
+@pytest.mark.parametrize("frozen, student", [("fp32", "full"), ("bf16", "full"), ("fp32", "lora")])
+def test_sana_bank_matches_online_without_text_encoder(frozen, student, tmp_path, monkeypatch):
     """Tiny Sana: the bank stores the prompts' embeddings, so training loads only the transformer
     (no Gemma-2, no DC-AE) and ends with the online run's student, bit for bit; also with the
-    teacher held in bf16 (whose weights hash as their fp32 copy does: the bank accepts it)."""
+    teacher held in bf16 (whose weights hash as their fp32 copy does: the bank accepts it), and
+    with a LoRA student (--student lora) on the transformer's weights, read once."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red cat\na blue dog\na green tree\n", encoding="utf-8")
     pairs = [
@@ -337,6 +338,7 @@ def test_sana_bank_matches_online_without_text_encoder(frozen, tmp_path, monkeyp
         frozen,
     ]
     run = ["--n-eval", "4", "--eval-teacher-steps", "4", "--log-every", "1", "--steps", "2"]
+    run += ["--student", "lora", "--lora-rank", "4"] * (student == "lora")
     b, online, banked = tmp_path / "bank", tmp_path / "online", tmp_path / "banked"
     assert bank.main(["build", "--out", str(b), "--pools", "2", *pairs]) == 0
     assert train.main([*pairs, *run, "--out", str(online)]) == 0

@@ -20,7 +20,7 @@ EXEMPTION = re.compile(r"Over 250 lines:\s*(\S[^\n]*)")  # in the module docstri
 BY_FLOOR = {
     0: "trigflow brightness_filter runtime checkpoint toy sana_io report",
     1: "trajectory loss sampler config toy_teacher sana sana_tiny",
-    2: "pairs metrics",
+    2: "pairs metrics lora",
     3: "backbones",
     4: "bank",
     5: "train analysis/common",

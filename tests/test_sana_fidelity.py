@@ -14,6 +14,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 import backbones
+import lora
 import sana
 import sana_tiny
 from config import parse_args
@@ -45,15 +46,22 @@ def _rel(a, b):
     return float(torch.linalg.vector_norm(a.double() - b.double()) / torch.linalg.vector_norm(b))
 
 
-def _student_F(parts):
-    """TrigFlow(student, 0.1) with JVP-safe cross-attention; the guidance embedding perturbed.
-    Seeded (make_student's guidance MLP starts random): about 1 in 30 random students has a ReLU
-    input of the linear attention within eps = 1e-5 of its kink, where central differences err."""
+def _student_F(parts, lora_rank: int = 0):
+    """TrigFlow(student, 0.1) with JVP-safe cross-attention; the guidance embedding perturbed
+    (lora_rank > 0: a LoRA student, lora.SANA_TARGETS, its B perturbed too). Seeded
+    (make_student's guidance MLP starts random): about 1 in 30 random students has a ReLU input of
+    the linear attention within eps = 1e-5 of its kink, where central differences err."""
     with torch.random.fork_rng():
         torch.manual_seed(1)
         student = sana.make_student(parts.transformer, parts.timestep_scale)
         torch.nn.init.normal_(student.time_embed.guidance_embedder.linear_2.weight, std=0.05)
-    return student, TrigFlow(sana.jvp_safe(sana.SanaVelocity(student, 1.0)), guidance_scale=0.1)
+        v = sana.jvp_safe(sana.SanaVelocity(student, 1.0))
+        if lora_rank:
+            lora.add_lora(v, lora_rank, 0.0, lora.SANA_TARGETS)
+            for name, p in v.named_parameters():
+                if "lora_B" in name:
+                    torch.nn.init.normal_(p, std=0.05)
+    return student, TrigFlow(v, guidance_scale=0.1)
 
 
 def _inputs(parts, dtype=torch.float32):
@@ -253,16 +261,17 @@ def _linear_attn(self, attn, hidden_states, encoder_hidden_states=None, attentio
     return attn.to_out[1](attn.to_out[0](out))
 
 
-def test_float64_jvp_matches_central_difference(parts, monkeypatch):
-    """Eqs. 3–4 through the Sana student in float64: jvp_cs_dF_dt = the central difference of the
-    same F along the same tangent (eps 1e-5) to ≤ 1e-6 relative, once diffusers' three float32
-    casts are patched here (float32 ops before, none after; in float32 the patches change
-    nothing)."""
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_float64_jvp_matches_central_difference(parts, monkeypatch, lora_rank):
+    """Eqs. 3–4 through the Sana student (full, or a LoRA student) in float64: jvp_cs_dF_dt = the
+    central difference of the same F along the same tangent (eps 1e-5) to ≤ 1e-6 relative, once
+    diffusers' three float32 casts are patched here (float32 ops before, none after; in float32
+    the patches change nothing)."""
     from diffusers.models import embeddings
     from diffusers.models.attention_processor import SanaLinearAttnProcessor2_0
     from diffusers.models.normalization import RMSNorm
 
-    student, F = _student_F(parts)
+    student, F = _student_F(parts, lora_rank)
     cond32, w32, x32, t32, _ = _inputs(parts)
     with torch.no_grad():
         F32 = F(x32, t32, cond32, w32)
