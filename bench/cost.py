@@ -24,7 +24,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cost_compose
 from cost_compose import PARTS
-from cost_report import VARIANTS, claim_lines, fit, ratios_of, sweep_table, table
+from cost_report import (
+    LORA_FLAGS,
+    LORA_VARIANTS,
+    VARIANTS,
+    claim_lines,
+    fit,
+    ratios_of,
+    sweep_table,
+    table,
+)
 
 import sana_io
 import sana_tiny
@@ -52,6 +61,7 @@ def prepare(config: str, work: Path, resolution: int, pretrained: str | None, ex
     """Flags per variant: a prompts file of distinct prompts, captioned random images (sCM), the
     small pipeline (built once) or the user's; `extra` (train.py flags) for all."""
     flags, own = CONFIGS[config].split(), {"scm": ["--method", "scm"], "tbcm": [], "bank": []}
+    own["tbcm-lora"] = LORA_FLAGS
     if config == "small-sana":
         folder = Path(pretrained) if pretrained else work / "pipeline"
         if not (folder / "model_index.json").exists():
@@ -64,7 +74,7 @@ def prepare(config: str, work: Path, resolution: int, pretrained: str | None, ex
         images = cost_compose.write_inputs(work, res, 32)
         flags += ["--prompts-file", str(work / "prompts.txt")]
         own["scm"] += ["--images", str(images)]
-    return {v: [*flags, *extra, *own[v]] for v in VARIANTS} | {"base": [*flags, *extra]}
+    return {v: [*flags, *extra, *own[v]] for v in own} | {"base": [*flags, *extra]}
 
 
 def run(args: list[str], what: str, env: dict | None = None) -> dict:
@@ -107,15 +117,17 @@ def build_bank(work: Path, flags: list[str], pools: int) -> dict:
 
 
 def run_config(a, extra: list[str], steps: int, warmup: int) -> tuple[dict, str]:
-    """The three variants, the bank's build and the extras on one config: results, markdown."""
+    """The three variants and the two LoRA students, the bank's build and the extras on one
+    config: results, markdown."""
     resolution = a.resolution or (256 if a.quick else 512)
     work = ROOT / a.work / (f"small-sana-{resolution}" if a.config == "small-sana" else a.config)
     work.mkdir(parents=True, exist_ok=True)
     flags = prepare(a.config, work, resolution, a.pretrained, extra)
     build = build_bank(work, flags["tbcm"], warmup + steps)
     flags["bank"] = [*flags["tbcm"], "--bank", str(work / "bank")]
+    flags["bank-lora"] = [*flags["bank"], *LORA_FLAGS]
     variants = {}
-    for v in VARIANTS:
+    for v in (*VARIANTS, *LORA_VARIANTS):
         print(f"{a.config}: {v} ...", file=sys.stderr, flush=True)
         variants[v] = measure(v, flags[v], steps, warmup)
     print(f"{a.config}: extras ...", file=sys.stderr, flush=True)

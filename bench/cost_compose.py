@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cost_report import TAB3_GB, claim_lines, paper_table
+from cost_report import LORA_FLAGS, LORA_VARIANTS, TAB3_GB, claim_lines, paper_table
 
 import sana_io
 import sana_tiny
@@ -47,7 +47,9 @@ NEEDS_GB = {  # in the order they run
     stage-teacher-512:9 stage-teacher-1024:9 stage-jvp-512:4 stage-jvp-1024:6 stage-fwdbwd-512:7
     stage-fwdbwd-1024:9 stage-optimizer:11 resident-scm:17 resident-tbcm:17 bank-512:9
     resident-bank:11 direct-tbcm-512:19 direct-bank-512:12 direct-scm-512:19
-    direct-scm-vae8-512:20""".split()
+    direct-scm-vae8-512:20 stage-jvp-lora-512:4 stage-jvp-lora-1024:6 stage-fwdbwd-lora-512:5
+    stage-fwdbwd-lora-1024:7 stage-optimizer-lora:4 resident-tbcm-lora:10 resident-bank-lora:4
+    direct-tbcm-lora-512:13 direct-bank-lora-512:6""".split()
     )
 }
 PARTS = tuple(NEEDS_GB)
@@ -69,7 +71,8 @@ def flags(
     f += f"--frozen-precision bf16 --precision {precision} --device {device}"
     own = dict(scm=f" --method scm --images {work}/images-{res} --vae-batch {vae_batch}", tbcm="")
     own["bank"] = f" --bank {work}/bank-{res}"
-    return (f + own[variant]).split()
+    lora = LORA_FLAGS * variant.endswith("-lora")  # ours: a LoRA student on the bf16 base
+    return (f + own[variant.removesuffix("-lora")]).split() + lora
 
 
 def write_inputs(work: Path, res: int, n: int) -> Path:
@@ -143,14 +146,23 @@ def compose_one(
     p: dict, variant: str, res: int, vae_batch: int, n: int, clock: str = "s"
 ) -> dict | None:
     """One variant's composed peak (MB above the floor) and step time at resolution res with n
-    pairs (sCM: n images, vae_batch per DC-AE call); None while a part it needs is missing."""
-    need = [f"resident-{variant}", f"stage-jvp-{res}", f"stage-fwdbwd-{res}", "stage-optimizer"]
+    pairs (sCM: n images, vae_batch per DC-AE call); None while a part it needs is missing. A LoRA
+    variant (`<variant>-lora`) has its own resident and student stages."""
+    lora = "-lora" * variant.endswith("-lora")
+    jvp_k, fb_k, opt_k = (
+        f"stage-jvp{lora}-{res}",
+        f"stage-fwdbwd{lora}-{res}",
+        f"stage-optimizer{lora}",
+    )
+    variant = variant.removesuffix("-lora")
+    need = [f"resident-{variant}{lora}", jvp_k, fb_k, opt_k]
     need += ["stage-text", f"stage-teacher-{res}"] * (variant != "bank")
     need += [f"stage-vae-{res}"] * (variant == "scm")
     if any(k not in p for k in need):
         return None
-    res_mb, grads = p[f"resident-{variant}"]["resident_mb"], p[f"resident-{variant}"]["grads_mb"]
-    jvp, fb, opt = p[f"stage-jvp-{res}"], p[f"stage-fwdbwd-{res}"], p["stage-optimizer"]
+    resident = p[f"resident-{variant}{lora}"]
+    res_mb, grads = resident["resident_mb"], resident["grads_mb"]
+    jvp, fb, opt = p[jvp_k], p[fb_k], p[opt_k]
     opt_1 = opt["by_batch"]["1"]
     mem = dict(jvp=lin(jvp, n, "dynamic_mb"), student_fwd_bwd=lin(fb, n, "dynamic_mb"))
     mem["optimizer"] = grads + opt_1["dynamic_mb"]
@@ -173,13 +185,18 @@ def compose_one(
     return out | dict(stage_s=time, step_s=step_s, pairs=n, time_per_pair_s=step_s / n)
 
 
-def ratios(s: dict, t: dict, b: dict) -> dict:
-    """cost_report's ratio keys from composed (or direct) results."""
+def ratios(s: dict, t: dict, b: dict, lora: dict | None = None) -> dict:
+    """cost_report's ratio keys from composed (or direct) results; `lora`: the LoRA variants'."""
     return {
         "tbcm_over_scm_time_per_pair": t["time_per_pair_s"] / s["time_per_pair_s"],
         "tbcm_over_scm_peak_memory": t["peak_mb"] / s["peak_mb"],
         "bank_over_scm_peak_memory": b["peak_mb"] / s["peak_mb"],
         "bank_over_tbcm_time_per_pair": b["time_per_pair_s"] / t["time_per_pair_s"],
+    } | {
+        f"{k}_over_scm_{q}": v[key] / s[key]
+        for k, v in (lora or {}).items()
+        if v
+        for q, key in (("peak_memory", "peak_mb"), ("time_per_pair", "time_per_pair_s"))
     }
 
 
@@ -195,14 +212,15 @@ def compose(p: dict) -> dict:
     n_scm, n_tbcm = PAPER["scm_images"], PAPER["tbcm_pairs"]
     for res in RESOLUTIONS:
         tb, bk = (compose_one(p, v, res, 1, n_tbcm, clock) for v in ("tbcm", "bank"))
+        lora = {v: compose_one(p, v, res, 1, n_tbcm, clock) for v in LORA_VARIANTS}
         for vb in VAE_BATCHES:
             sc = compose_one(p, "scm", res, vb, n_scm, clock)
-            row = dict(scm=sc, tbcm=tb, bank=bk)
+            row = dict(scm=sc, tbcm=tb, bank=bk) | lora
             if sc and tb and bk:
-                row["ratios"] = ratios(sc, tb, bk)
+                row["ratios"] = ratios(sc, tb, bk, lora)
             out["composed"][f"{res}px_vae_batch_{vb}"] = row
     for name in (k for k in p if k.startswith("direct-")):
-        d, v = p[name], name.split("-")[1]
+        d, v = p[name], name.split("-")[1] + "-lora" * ("-lora-" in name)
         comp = compose_one(p, v, d["resolution"], d["vae_batch"] or 1, d["pairs"], clock)
         rel = None if comp is None else comp["peak_mb"] / d["peak_above_floor_mb"] - 1
         row = d | dict(variant=v, composed_peak_mb=comp and comp["peak_mb"], rel_diff=rel)

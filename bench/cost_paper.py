@@ -44,9 +44,10 @@ def resident(cfg: Config, meter: Meter) -> dict:
     student, source = build(cfg, Stages(cfg.device))
     teacher = getattr(source, "teacher", None)
     frozen = {}
-    if teacher is not None:
+    if teacher is not None:  # a LoRA student's teacher is the student (parts.transformer None)
         p = teacher.parts
         frozen = dict(teacher=p.transformer, text_encoder=p.text_encoder, vae=p.vae)
+        frozen = {k: m for k, m in frozen.items() if m is not None}
     models = meter.now()
     head = LogvarHead().to(cfg.device)
     params = [q for q in student.parameters() if q.requires_grad] + list(head.parameters())
@@ -57,12 +58,13 @@ def resident(cfg: Config, meter: Meter) -> dict:
     with_grads = meter.now()
     opt.zero_grad(set_to_none=True)
     tensors = {k: tensor_mb(m) for k, m in frozen.items()} | dict(student=tensor_mb(student))
+    trains = sum(q.numel() * q.element_size() for q in params) / 2**20  # LoRA: the adapter, not θ
     return dict(
         models_mb=models - floor,
         optimizer_state_mb=meter.now() - models,
         grads_mb=with_grads - meter.now(),
         resident_mb=meter.now() - floor,
-        tensor_mb=tensors | dict(adamw=2 * tensors["student"], grads=tensors["student"]),
+        tensor_mb=tensors | dict(trainable=trains, adamw=2 * trains, grads=trains),
         floor_mb=floor,
     )
 
@@ -101,6 +103,7 @@ def run_part(part: str, folder: str, work: Path, device: str, precision: str) ->
     kind, rest = part.split("-", 1)
     res = int(rest.rsplit("-", 1)[1]) if rest[-1].isdigit() else 512
     variant = rest.split("-")[0] if kind in ("resident", "direct") else "tbcm"
+    variant += "-lora" * ("lora" in rest.split("-"))  # ours: the LoRA student (lora.py)
     # -vae<B>: sCM's DC-AE B images per call, B pairs per step (N = B + 1), two steps
     vae_batch = int(rest.split("vae")[1].split("-")[0]) if "-vae" in rest else 1
     argv = flags(folder, work, res, variant, device, precision, vae_batch)

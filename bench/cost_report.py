@@ -5,12 +5,15 @@ paper-shape table of `--config paper-sana` (cost_compose.py)."""
 import numpy as np
 
 VARIANTS = ("scm", "tbcm", "bank")
+# ours (lora.py): the teacher's own module plus a LoRA adapter as the student, online and bank
+LORA_VARIANTS, LORA_FLAGS = ("tbcm-lora", "bank-lora"), ["--student", "lora", "--lora-rank", "16"]
 # the paper's Tab. 3 (sCM 62.9 GB / 7965 GPU·h, TBCM 22.6 GB / 4640 GPU·h); ours: the bank's target
 CLAIMS = (
     ("tbcm_over_scm_time_per_pair", 4640 / 7965, "TBCM/sCM training time (Tab. 3: 0.58)"),
     ("tbcm_over_scm_peak_memory", 22.6 / 62.9, "TBCM/sCM peak memory (Tab. 3: 0.36)"),
     ("bank_over_scm_peak_memory", 0.2, "bank/sCM peak memory (target 0.2)"),
     ("bank_over_tbcm_time_per_pair", 1.0, "bank/TBCM time per pair (target < 1)"),
+    ("bank-lora_over_scm_peak_memory", 0.1, "bank-lora/sCM peak memory (target 0.10, ours)"),
 )
 
 
@@ -29,13 +32,22 @@ def ratios_of(v: dict) -> dict:
         "bank_over_scm_peak_memory": bk[mem] / s[mem],
         "bank_over_scm_peak_above_floor": bk[floor] / s[floor],
         "bank_over_tbcm_time_per_pair": bk["time_per_pair_s"] / tb["time_per_pair_s"],
+    } | {
+        f"{k}_over_scm_{q}": v[k][key] / s[key]
+        for k in LORA_VARIANTS
+        if k in v
+        for q, key in (("peak_memory", mem), ("time_per_pair", "time_per_pair_s"))
     }
 
 
 def claim_lines(ratios: dict) -> list[str]:
     """One line per claim: reproduced when the measured ratio is at or below the target."""
     verdict = {True: "reproduced", False: "not reproduced at this scale"}
-    return [f"{t}: measured {ratios[k]:.2f}, {verdict[ratios[k] <= x]}" for k, x, t in CLAIMS]
+    return [
+        f"{t}: measured {ratios[k]:.2f}, {verdict[ratios[k] <= x]}"
+        for k, x, t in CLAIMS
+        if k in ratios
+    ]
 
 
 def dyn_mb(stage: dict) -> str:
@@ -97,16 +109,22 @@ def paper_table(res: dict) -> str:
     composition; the claim lines of the headline setting."""
     gb = lambda x: "–" if x is None else f"{x['peak_mb'] / 1024:.1f}"  # noqa: E731
     sp = lambda x: "–" if x is None else f"{x['time_per_pair_s']:.0f}"  # noqa: E731
-    rows = ["| px, sCM DC-AE images/call | sCM GB | TBCM GB | bank GB | TBCM/sCM | bank/sCM | "]
-    rows[0] += "sCM's largest stage | s/pair sCM / TBCM / bank |"
-    rows.append("|---" * 8 + "|")
+    names = [
+        v for v in (*VARIANTS, *LORA_VARIANTS) if any(r.get(v) for r in res["composed"].values())
+    ]
+    keys = [*RATIO_KEYS, *(f"{v}_over_scm_peak_memory" for v in names[3:])]
+    head = [f"{v.replace('scm', 'sCM').replace('tbcm', 'TBCM')}" for v in names]
+    rows = ["| px, sCM DC-AE images/call | " + " | ".join(f"{h} GB" for h in head) + " | "]
+    rows[0] += " | ".join(f"{h}/sCM" for h in head[1:]) + " | sCM's largest stage | s/pair "
+    rows[0] += " / ".join(head) + " |"
+    rows.append("|---" * (2 * len(names) + 2) + "|")
     for k, r in res["composed"].items():
         q = r.get("ratios", {})
-        f = [f"{q[x]:.2f}" if x in q else "–" for x in RATIO_KEYS]
+        f = [f"{q[x]:.2f}" if x in q else "–" for x in keys]
         neck = r["scm"]["bottleneck"] if r["scm"] else "–"
-        times = " / ".join(sp(r[v]) for v in VARIANTS)
+        times = " / ".join(sp(r.get(v)) for v in names)
         setting = k.replace("px_vae_batch_", " px, ")
-        cells = [setting, gb(r["scm"]), gb(r["tbcm"]), gb(r["bank"]), *f, neck, times]
+        cells = [setting, *(gb(r.get(v)) for v in names), *f, neck, times]
         rows.append("| " + " | ".join(cells) + " |")
     rows += ["", f"Tab. 3 (A100, batch 16): sCM {TAB3_GB['scm']} GB, TBCM {TAB3_GB['tbcm']} GB."]
     rows += ["", "| direct step, 512 px | peak GB | composed GB | composed/direct − 1 | step s |"]

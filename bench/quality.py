@@ -43,6 +43,9 @@ TABLES = {  # variant name → extra train.py flags
     "r_final": sweep("r_final", "--r-final", (0.5, 0.75, 1.0), "r_final={}"),  # Tab. 6
     # Tab. 7: r rises linearly to r_final over H steps and stays, vs up to 1, later down to r_final
     "r_schedule": {"warmup to r_final": ["--r-direct"], "warmup-cooldown": []},
+    # ours: the LoRA student (lora.py) against the full copy, same pairs and steps
+    "lora": {"full": []}
+    | {f"LoRA r{r}": ["--student", "lora", "--lora-rank", str(r)] for r in (4, 16, 64)},
 }
 
 

@@ -26,6 +26,9 @@ CLAIMS = {
         ("r_final 0.75 beats 0.5 (Tab. 6)", "r_final=0.75", "r_final=0.5"),
         ("r_final 0.75 beats 1.0 (Tab. 6)", "r_final=0.75", "r_final=1.0"),
     ],
+    "lora": [
+        (f"the full student beats LoRA rank {r} (ours)", "full", f"LoRA r{r}") for r in (4, 16, 64)
+    ],
     "r_schedule": [
         (
             "warm-up–cool-down beats warm-up to r_final (Tab. 7)",
@@ -114,8 +117,8 @@ def markdown(summary: dict, samplers: tuple[str, ...] = SAMPLERS, floor: bool = 
 
 
 def readme_markdown(summary: dict) -> str:
-    """The README's block `quality_<table>`: main and schemes in full, ablations at 1–2 steps."""
-    if summary["table"] in ("main", "schemes"):
+    """The README's block `quality_<table>`: main, schemes, lora in full; ablations at 1–2 steps."""
+    if summary["table"] in ("main", "schemes", "lora"):
         return markdown(summary)
     return markdown(summary, ("student@1", "student@2"), floor=False)
 
