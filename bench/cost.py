@@ -23,17 +23,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cost_compose
+import cost_report
 from cost_compose import PARTS
-from cost_report import (
-    LORA_FLAGS,
-    LORA_VARIANTS,
-    VARIANTS,
-    claim_lines,
-    fit,
-    ratios_of,
-    sweep_table,
-    table,
-)
+from cost_report import VARIANTS, claim_lines, fit, ratios_of, sweep_table, table
 
 import sana_io
 import sana_tiny
@@ -61,7 +53,7 @@ def prepare(config: str, work: Path, resolution: int, pretrained: str | None, ex
     """Flags per variant: a prompts file of distinct prompts, captioned random images (sCM), the
     small pipeline (built once) or the user's; `extra` (train.py flags) for all."""
     flags, own = CONFIGS[config].split(), {"scm": ["--method", "scm"], "tbcm": [], "bank": []}
-    own["tbcm-lora"] = LORA_FLAGS
+    own["tbcm-lora"] = cost_report.LORA_FLAGS
     if config == "small-sana":
         folder = Path(pretrained) if pretrained else work / "pipeline"
         if not (folder / "model_index.json").exists():
@@ -125,9 +117,9 @@ def run_config(a, extra: list[str], steps: int, warmup: int) -> tuple[dict, str]
     flags = prepare(a.config, work, resolution, a.pretrained, extra)
     build = build_bank(work, flags["tbcm"], warmup + steps)
     flags["bank"] = [*flags["tbcm"], "--bank", str(work / "bank")]
-    flags["bank-lora"] = [*flags["bank"], *LORA_FLAGS]
+    flags["bank-lora"] = [*flags["bank"], *cost_report.LORA_FLAGS]
     variants = {}
-    for v in (*VARIANTS, *LORA_VARIANTS):
+    for v in (*VARIANTS, *cost_report.LORA_VARIANTS):
         print(f"{a.config}: {v} ...", file=sys.stderr, flush=True)
         variants[v] = measure(v, flags[v], steps, warmup)
     print(f"{a.config}: extras ...", file=sys.stderr, flush=True)

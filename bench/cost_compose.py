@@ -25,7 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cost_report import LORA_FLAGS, LORA_VARIANTS, TAB3_GB, claim_lines, paper_table
+import cost_report
+from cost_report import TAB3_GB, claim_lines, paper_table
 
 import sana_io
 import sana_tiny
@@ -71,7 +72,7 @@ def flags(
     f += f"--frozen-precision bf16 --precision {precision} --device {device}"
     own = dict(scm=f" --method scm --images {work}/images-{res} --vae-batch {vae_batch}", tbcm="")
     own["bank"] = f" --bank {work}/bank-{res}"
-    lora = LORA_FLAGS * variant.endswith("-lora")  # ours: a LoRA student on the bf16 base
+    lora = cost_report.LORA_FLAGS * variant.endswith("-lora")  # ours: LoRA on the bf16 base
     return (f + own[variant.removesuffix("-lora")]).split() + lora
 
 
@@ -185,21 +186,6 @@ def compose_one(
     return out | dict(stage_s=time, step_s=step_s, pairs=n, time_per_pair_s=step_s / n)
 
 
-def ratios(s: dict, t: dict, b: dict, lora: dict | None = None) -> dict:
-    """cost_report's ratio keys from composed (or direct) results; `lora`: the LoRA variants'."""
-    return {
-        "tbcm_over_scm_time_per_pair": t["time_per_pair_s"] / s["time_per_pair_s"],
-        "tbcm_over_scm_peak_memory": t["peak_mb"] / s["peak_mb"],
-        "bank_over_scm_peak_memory": b["peak_mb"] / s["peak_mb"],
-        "bank_over_tbcm_time_per_pair": b["time_per_pair_s"] / t["time_per_pair_s"],
-    } | {
-        f"{k}_over_scm_{q}": v[key] / s[key]
-        for k, v in (lora or {}).items()
-        if v
-        for q, key in (("peak_memory", "peak_mb"), ("time_per_pair", "time_per_pair_s"))
-    }
-
-
 def compose(p: dict) -> dict:
     """Per resolution and sCM DC-AE batch: the three variants at the paper's batch and their
     ratios; the direct steps beside the composition for the same setting; the headline ratios
@@ -212,12 +198,12 @@ def compose(p: dict) -> dict:
     n_scm, n_tbcm = PAPER["scm_images"], PAPER["tbcm_pairs"]
     for res in RESOLUTIONS:
         tb, bk = (compose_one(p, v, res, 1, n_tbcm, clock) for v in ("tbcm", "bank"))
-        lora = {v: compose_one(p, v, res, 1, n_tbcm, clock) for v in LORA_VARIANTS}
+        lora = {v: compose_one(p, v, res, 1, n_tbcm, clock) for v in cost_report.LORA_VARIANTS}
         for vb in VAE_BATCHES:
             sc = compose_one(p, "scm", res, vb, n_scm, clock)
             row = dict(scm=sc, tbcm=tb, bank=bk) | lora
             if sc and tb and bk:
-                row["ratios"] = ratios(sc, tb, bk, lora)
+                row["ratios"] = cost_report.composed_ratios(sc, tb, bk, lora)
             out["composed"][f"{res}px_vae_batch_{vb}"] = row
     for name in (k for k in p if k.startswith("direct-")):
         d, v = p[name], name.split("-")[1] + "-lora" * ("-lora-" in name)

@@ -40,6 +40,21 @@ def ratios_of(v: dict) -> dict:
     }
 
 
+def composed_ratios(s: dict, t: dict, b: dict, lora: dict | None = None) -> dict:
+    """The ratio keys from composed (or direct) peaks and times; `lora`: the LoRA variants'."""
+    return {
+        "tbcm_over_scm_time_per_pair": t["time_per_pair_s"] / s["time_per_pair_s"],
+        "tbcm_over_scm_peak_memory": t["peak_mb"] / s["peak_mb"],
+        "bank_over_scm_peak_memory": b["peak_mb"] / s["peak_mb"],
+        "bank_over_tbcm_time_per_pair": b["time_per_pair_s"] / t["time_per_pair_s"],
+    } | {
+        f"{k}_over_scm_{q}": v[key] / s[key]
+        for k, v in (lora or {}).items()
+        if v
+        for q, key in (("peak_memory", "peak_mb"), ("time_per_pair", "time_per_pair_s"))
+    }
+
+
 def claim_lines(ratios: dict) -> list[str]:
     """One line per claim: reproduced when the measured ratio is at or below the target."""
     verdict = {True: "reproduced", False: "not reproduced at this scale"}
