@@ -84,6 +84,10 @@ def train(cfg: Config, student: nn.Module, source: PairSource, run: Path, rank=0
     st |= dict(pool=-1, pool_pos=0)
     if cfg.resume:
         tensors, meta = checkpoint.load(checkpoint.latest(run / "checkpoints"))
+        if (meta.get("base_sha256") is None) != (base is None):
+            raise UsageError(
+                f"--resume: the checkpoint in {run} is not of a --student {cfg.student}"
+            )
         if meta.get("base_sha256") != base:
             raise UsageError(
                 f"--resume: the checkpoint in {run} was trained on other base weights than this "

@@ -124,6 +124,8 @@ def test_lora_run_checkpoints_resume_and_export(cache, tmp_path, capsys):
     assert "other base weights" in capsys.readouterr().err
 
     assert train.main([*common, "--steps", "7", "--out", str(full)]) == 0
+    assert train.main([*common, *LORA, "--steps", "8", "--out", str(full), "--resume"]) == 2
+    assert "is not of a --student lora" in capsys.readouterr().err
     ev = [json.loads((r / "metrics.json").read_text())["eval"]["teacher@N"] for r in (a, full)]
     assert ev[0]["distance"] == ev[1]["distance"]
 
