@@ -58,7 +58,8 @@ def resident(cfg: Config, meter: Meter) -> dict:
     with_grads = meter.now()
     opt.zero_grad(set_to_none=True)
     tensors = {k: tensor_mb(m) for k, m in frozen.items()} | dict(student=tensor_mb(student))
-    trains = sum(q.numel() * q.element_size() for q in params) / 2**20  # LoRA: the adapter, not θ
+    trains = [q for q in student.parameters() if q.requires_grad]  # LoRA: the adapter, not θ
+    trains = sum(q.numel() * q.element_size() for q in trains) / 2**20
     return dict(
         models_mb=models - floor,
         optimizer_state_mb=meter.now() - models,

@@ -2,6 +2,7 @@
 peak reset the parts rely on, and the parts' code on the tiny pipeline (CI never builds the paper
 size)."""
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -127,6 +128,12 @@ def test_resident_and_direct_parts_on_the_tiny_pipeline(tiny_cfg):
     d = cost_paper.direct(tiny_cfg, meter)
     assert d["pairs"] == 15 and d["vae_batch"] is None and d["peak_above_floor_mb"] > 0
     assert {"teacher", "jvp", "student_fwd_bwd", "optimizer"} <= set(d["stages"])
+    # a LoRA student (tbcm-lora): no separate teacher copy; AdamW and the gradient only for what
+    # trains, a small part of the student (which holds the base)
+    lora_cfg = dataclasses.replace(tiny_cfg, student="lora", lora_rank=2)
+    t = cost_paper.resident(lora_cfg, meter)["tensor_mb"]
+    assert "teacher" not in t and t["adamw"] == 2 * t["trainable"] == 2 * t["grads"]
+    assert 0 < t["trainable"] < t["student"] / 3
 
 
 @pytest.mark.parametrize(
