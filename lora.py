@@ -9,12 +9,14 @@ frozen teacher. One copy of the weights; gradients, AdamW moments, EMA and check
 what trains.
 """
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 import sana
@@ -125,8 +127,6 @@ class TeacherView(nn.Module):
 def merged_copy(net: nn.Module) -> nn.Module:
     """A copy of the student with the adapter merged into the base and the LoRA layers replaced
     by their base layers: the plain architecture, loadable without peft (for export)."""
-    import copy
-
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     out = copy.deepcopy(net)
@@ -169,8 +169,6 @@ def save_adapter(net: nn.Module, folder: Path) -> None:
     """adapter_state in peft's layout: adapter_config.json and adapter_model.safetensors (the
     guidance embedding's tensors under their own names beside the LoRA ones); load_adapter reads
     it back onto the teacher's module."""
-    from safetensors.torch import save_file
-
     state = {k: v.detach().contiguous() for k, v in adapter_state(net).items()}
     with atomic_path(folder) as tmp:
         tmp.mkdir()
