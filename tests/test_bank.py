@@ -3,9 +3,6 @@ encoder loaded for training; builds resume after a kill and shard across process
 corrupted banks fail clearly."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -102,7 +99,7 @@ def test_bank_run_is_the_online_run_bit_for_bit(digits_bank, cache, tmp_path, mo
 
 
 def test_build_resumes_after_a_kill_and_shards_across_ranks(
-    digits_bank, cache, tmp_path, monkeypatch
+    digits_bank, cache, tmp_path, monkeypatch, torchrun
 ):
     """A build killed after 2 shards (and a partial third) continues to the same bank as one
     uninterrupted build: nothing lost, nothing duplicated; 2 torchrun ranks write the same shards as
@@ -139,30 +136,8 @@ def test_build_resumes_after_a_kill_and_shards_across_ranks(
     assert not list(out.glob(".tmp-*")) and same_shards(out, digits_bank)
 
     ranks = tmp_path / "ranks"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "bank.py",
-        "build",
-        "--out",
-        str(ranks),
-        "--pools",
-        "3",
-        *PAIRS,
-        "--cache-dir",
-        cache,
-    ]
-    p = subprocess.run(
-        cmd,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    build = ["bank.py", "build", "--out", str(ranks), "--pools", "3", *PAIRS, "--cache-dir", cache]
+    p = torchrun(build)
     assert p.returncode == 0, p.stderr[-2000:]
     assert same_shards(ranks, digits_bank)
 

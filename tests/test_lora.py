@@ -4,9 +4,6 @@ trains only, resume, other base weights refused; export (merged, and the adapter
 the bank and torchrun; on digits, toy2d and tiny Sana."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -162,22 +159,14 @@ def test_lora_from_a_bank_is_the_online_lora_run(cache, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_lora_under_torchrun(cache, tmp_path):
+def test_lora_under_torchrun(cache, tmp_path, torchrun):
     """2 gloo ranks with a LoRA student: the gradient of what trains is averaged (step 0's norm as
     one process's), and rank 0 writes an adapter-only checkpoint."""
     flags = ["--backbone", "toy2d", "--steps", "3", "--pool-steps", "1", "--filter-mode", "off"]
     flags += ["--cfg-scales", "2", *LORA, "--cache-dir", cache]
     one, two = tmp_path / "one", tmp_path / "two"
     assert train.main([*FAST, *flags, "--out", str(one)]) == 0
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    p = subprocess.run(
-        [*torchrun, "train.py", *FAST, *flags, "--out", str(two)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    p = torchrun(["train.py", *FAST, *flags, "--out", str(two)])
     assert p.returncode == 0, p.stderr[-2000:]
     norms = [
         [json.loads(ln)["grad_norm"] for ln in (r / "log.jsonl").read_text().splitlines()]

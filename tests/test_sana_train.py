@@ -3,7 +3,6 @@ SanaSprintPipeline, the sCM baseline on an image folder, bf16, resume, bad input
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -321,7 +320,7 @@ def test_more_bad_input(args, tmp_path, capsys):
     assert not out.exists() and not (tmp_path / "cache").exists()
 
 
-def test_torchrun_two_processes_match_one(files, tmp_path):
+def test_torchrun_two_processes_match_one(files, tmp_path, torchrun):
     """Data parallel on the tiny pipeline: 2 gloo ranks (one prompt each) draw the pairs of one
     process with the same global batch (2 prompts) and average the same gradient: step 0's gradient
     norm agrees up to summation order, the weights after 3 AdamW steps to within half the learning
@@ -343,30 +342,8 @@ def test_torchrun_two_processes_match_one(files, tmp_path):
     ]  # an EMA that lags, so "it trained" is visible
     one, two = tmp_path / "one", tmp_path / "two"
     assert run([*args, "--out", str(one)], files, tmp_path) == 0
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "train.py",
-        *FAST,
-        "--cache-dir",
-        files["cache"],
-        "--prompts-file",
-        files["prompts"],
-        *args,
-        "--out",
-        str(two),
-    ]
-    p = subprocess.run(
-        cmd,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    files_ = ["--cache-dir", files["cache"], "--prompts-file", files["prompts"]]
+    p = torchrun(["train.py", *FAST, *files_, *args, "--out", str(two)], timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     a = load_file(one / "checkpoints" / "step-0000003" / "tensors.safetensors")
     b = load_file(two / "checkpoints" / "step-0000003" / "tensors.safetensors")

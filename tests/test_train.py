@@ -1,7 +1,6 @@
 """train.py end to end on the toy backbones: run directory contract, resume, bad input."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -138,7 +137,7 @@ def logged(run: Path, key: str) -> list[float]:
     return [json.loads(ln)[key] for ln in (run / "log.jsonl").read_text().splitlines()]
 
 
-def test_torchrun_two_processes_match_one(cache, tmp_path):
+def test_torchrun_two_processes_match_one(cache, tmp_path, torchrun):
     """Data parallel: 2 gloo ranks (one prompt slot each) draw the pairs one process draws and
     average the same gradient. What must be equal is compared: step 0's gradient norm (same weights,
     same pairs: only summation order differs), later steps' too, and the weights after 5 AdamW
@@ -150,15 +149,7 @@ def test_torchrun_two_processes_match_one(cache, tmp_path):
     flags += ["--cfg-scales", "2"]
     one, two = tmp_path / "one", tmp_path / "two"
     assert run([*flags, "--out", str(one)], cache) == 0
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    p = subprocess.run(
-        [*torchrun, "train.py", *FAST, "--cache-dir", cache, *flags, "--out", str(two)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    p = torchrun(["train.py", *FAST, "--cache-dir", cache, *flags, "--out", str(two)])
     assert p.returncode == 0, p.stderr[-2000:]
     assert min(logged(one, "loss")) > 0.1  # a real gradient at every step
     g1, g2 = logged(one, "grad_norm"), logged(two, "grad_norm")
