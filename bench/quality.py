@@ -7,6 +7,8 @@ already in the table's JSON are kept, so more seeds cost only their own runs.
     python bench/quality.py --table main --seeds 0 1 2          # TBCM vs sCM (Tab. 2 analogue)
 """
 
+import contextlib
+import fcntl
 import json
 import os
 import statistics
@@ -43,9 +45,15 @@ TABLES = {  # variant name → extra train.py flags
     "r_final": sweep("r_final", "--r-final", (0.5, 0.75, 1.0), "r_final={}"),  # Tab. 6
     # Tab. 7: r rises linearly to r_final over H steps and stays, vs up to 1, later down to r_final
     "r_schedule": {"warmup to r_final": ["--r-direct"], "warmup-cooldown": []},
-    # ours: the LoRA student (lora.py) against the full copy, same pairs and steps
+    # ours: the LoRA student (lora.py) against the full copy, same pairs and steps; also at the
+    # larger learning rates adapters usually train at (the full student drifts there on digits)
     "lora": {"full": []}
-    | {f"LoRA r{r}": ["--student", "lora", "--lora-rank", str(r)] for r in (4, 16, 64)},
+    | {f"LoRA r{r}": ["--student", "lora", "--lora-rank", str(r)] for r in (4, 16, 64)}
+    | {
+        f"LoRA r{r} lr {lr}": ["--student", "lora", "--lora-rank", str(r), "--lr", lr]
+        for r in (16, 64)
+        for lr in ("1e-4", "3e-4")
+    },
 }
 
 
@@ -95,6 +103,27 @@ def run_variant(backbone: str, flags: list[str], seed: int, runs: Path) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
+@contextlib.contextmanager
+def lock(runs: Path):
+    """Hold runs/.quality.lock while training: two quality.py on one run folder would train the same
+    runs over each other. The lock goes with the process (flock), also when it is killed."""
+    runs.mkdir(parents=True, exist_ok=True)
+    with open(runs / ".quality.lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise UsageError(
+                f"another bench/quality.py (pid {f.read().strip() or '?'}) is training in {runs};"
+                " wait for it or pass another --runs"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+
+
 def parser() -> Parser:
     p = Parser(description=__doc__.split("\n")[0], epilog="after --: more train.py flags, for all")
     add = p.add_argument
@@ -136,13 +165,25 @@ def main(argv: list[str] | None = None) -> int:
     if a.rewrite:
         write(json.loads(path.read_text()), path.parent, a.readme)
         return 0
+    try:
+        with lock(ROOT / a.runs):
+            summary = gather(a, extra, path)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    write(summary, ROOT / a.results, a.readme)
+    return 0
+
+
+def gather(a, extra: list[str], path: Path) -> dict:
+    """Train what the table lacks (finished runs and seeds kept in its JSON are not run again) and
+    collect every run's metrics into the table's summary."""
     variants, runs = TABLES[a.table], ROOT / a.runs
     before = json.loads(path.read_text()) if path.exists() else None
     jobs = [(name, [*f, *extra], s) for name, f in variants.items() for s in a.seeds]
-    got = {
-        (n, s): kept(before, extra, n, s) for n, f, s in jobs if not done(a.backbone, f, s, runs)
-    }
-    todo = [j for j in jobs if got.get((j[0], j[2])) is None]
+    fresh = [(n, f, s) for n, f, s in jobs if not done(a.backbone, f, s, runs)]
+    got = {(n, s): kept(before, extra, n, s) for n, f, s in fresh}
+    todo = [j for j in fresh if got[j[0], j[2]] is None]  # neither a finished run nor kept
     if todo:  # the first run alone: it trains and caches the teacher the others then load
         got[todo[0][0], todo[0][2]] = run_variant(a.backbone, todo[0][1], todo[0][2], runs)
     with ThreadPoolExecutor(a.jobs) as pool:
@@ -171,8 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                 "alignment": [m["eval"][smp]["alignment"] for m in ms],
                 "nfe": ms[0]["eval"][smp]["nfe"],
             }
-    write(summary, ROOT / a.results, a.readme)
-    return 0
+    return summary
 
 
 if __name__ == "__main__":

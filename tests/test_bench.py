@@ -4,6 +4,7 @@ and bad-input errors; the quality bench's paired-seed verdicts and tables."""
 
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -253,6 +254,48 @@ def test_quality_more_seeds_keep_the_old_ones(tmp_path, monkeypatch):
     d = json.loads((tmp_path / "quality_digits_r_schedule.json").read_text())
     assert d["seeds"] == [0, 1, 2]
     assert d["variants"]["warmup-cooldown"]["student@1"]["distance"] == [10.0, 11.0, 12.0]
+
+
+def test_quality_first_run_to_train_runs_alone(tmp_path, monkeypatch):
+    """The first run that trains runs before the others start (it caches the teacher they load),
+    also when the table's first run is already finished."""
+    spans = []
+
+    def run_variant(backbone, flags, seed, runs):
+        out = quality.run_dir(backbone, flags, seed, runs) / "metrics.json"
+        if out.exists():
+            return json.loads(out.read_text())
+        start = time.monotonic()
+        time.sleep(0.2)
+        spans.append((start, time.monotonic()))
+        return fake_metrics(10.0 + seed)
+
+    monkeypatch.setattr(quality, "run_variant", run_variant)
+    runs = tmp_path / "r"
+    first = quality.run_dir("digits", quality.TABLES["r_schedule"]["warmup to r_final"], 0, runs)
+    first.mkdir(parents=True)
+    (first / "metrics.json").write_text(json.dumps(fake_metrics(10.0)))
+    argv = ["--table", "r_schedule", "--results", str(tmp_path), "--runs", str(runs)]
+    assert quality.main([*argv, "--seeds", "0", "1"]) == 0
+    spans.sort()
+    assert len(spans) == 3 and spans[0][1] <= min(s for s, _ in spans[1:])
+    assert spans[1][0] < spans[2][1] and spans[2][0] < spans[1][1]  # the rest run side by side
+
+
+def test_quality_refuses_a_run_folder_in_use(tmp_path, monkeypatch, capsys):
+    """While one quality.py trains in a run folder, another on that folder exits 2 with one line
+    (naming the holder's pid) and trains nothing; once the first is done, the second runs."""
+    monkeypatch.setattr(quality, "run_variant", lambda *a: fake_metrics(10.0))
+    runs = tmp_path / "r"
+    argv = ["--table", "r_schedule", "--seeds", "0", "--results", str(tmp_path)]
+    argv += ["--runs", str(runs)]
+    with quality.lock(runs):
+        assert quality.main(argv) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and f"pid {os.getpid()}" in lines[0] and "--runs" in lines[0]
+        assert not (tmp_path / "quality_digits_r_schedule.json").exists()
+    assert quality.main(argv) == 0
+    assert (tmp_path / "quality_digits_r_schedule.json").exists()
 
 
 RESULTS = ROOT / "bench" / "results"
