@@ -108,6 +108,8 @@ class Config:
     lora_targets: str = ""  # --student lora: comma-separated module-name suffixes to adapt (toy
     # default: every Linear and Conv2d outside the guidance embedding; sana: to_q,to_k,to_v,to_out.0
     # as diffusers' Sana LoRA scripts)
+    lora_lr: float = 0.0  # --student lora: the adapter's AdamW learning rate; the guidance
+    # embedding and the logvar head keep --lr (0: --lr for all)
     bank: str = ""  # train from an offline bank of pairs (bank.py build): no teacher, text encoder
     # or VAE while training
     resume: bool = False  # continue the run in --out from its latest checkpoint
@@ -290,6 +292,7 @@ def from_bank(given: dict) -> dict:
 AT_LEAST = dict(
     lora_rank=1,
     lora_alpha=0,
+    lora_lr=0,
     N=2,
     prompts=1,
     K=1,
@@ -344,11 +347,10 @@ def validate(cfg: Config, run_dir: bool = True) -> None:
             f"cifar10 needs {f('data_dir')} path/to/cifar-10-batches-py (from "
             "https://www.cs.toronto.edu/~kriz/cifar.html; nothing is downloaded)"
         )
-    lora = (c.lora_rank, c.lora_alpha, c.lora_targets) != (16, 0.0, "")
+    lora = (c.lora_rank, c.lora_alpha, c.lora_targets, c.lora_lr) != (16, 0.0, "", 0.0)
     if c.student != "lora" and lora:
-        bad.append(
-            f"{f('lora_rank')}, {f('lora_alpha')} and {f('lora_targets')} need {f('student')} lora"
-        )
+        flags = ", ".join(f(k) for k in ("lora_rank", "lora_alpha", "lora_targets"))
+        bad.append(f"{flags} and {f('lora_lr')} need {f('student')} lora")
     if c.student == "lora" and c.frozen_precision == "bf16" and c.precision != "bf16":
         bad.append(
             f"{f('student')} lora on a bf16 base ({f('frozen_precision')} bf16) needs "

@@ -62,6 +62,17 @@ def add_lora(net: nn.Module, rank: int, alpha: float, suffixes: tuple[str, ...])
     return net
 
 
+def param_groups(net: nn.Module, rest: list[nn.Parameter], lr: float, lora_lr: float) -> list:
+    """AdamW's groups: what trains in net and then `rest` (the logvar head) at lr, the adapter at
+    lora_lr. One group when lora_lr is 0 (or lr): the optimiser and its checkpoints as before."""
+    named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+    if lora_lr in (0, lr):
+        return [{"params": [p for _, p in named] + rest}]
+    adapter = [p for n, p in named if "lora_" in n]
+    other = [p for n, p in named if "lora_" not in n] + rest
+    return [{"params": other}, {"params": adapter, "lr": lora_lr}]
+
+
 def trainable_names(net: nn.Module) -> list[str]:
     """State-dict names of what trains (checkpoints and export hold only these)."""
     return [n for n, p in net.named_parameters() if p.requires_grad]

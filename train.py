@@ -67,8 +67,9 @@ def train(cfg: Config, student: nn.Module, source: PairSource, run: Path, rank=0
     torch.manual_seed(cfg.seed)
     student, head = student.train(), LogvarHead().to(cfg.device)  # line 2: θ from the teacher; φ
     ema = ema_of(student, cfg.ema_decay)
-    params = [p for p in student.parameters() if p.requires_grad] + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    groups = lora.param_groups(student, list(head.parameters()), cfg.lr, cfg.lora_lr)
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0)
     F_theta = TrigFlow(student, guidance_scale=cfg.guidance_scale)
     modules = dict(student=student, head=head) | ({} if ema is student else dict(ema=ema))
     base = getattr(student, "base_sha256", None)  # a LoRA student: checkpoints hold what trains

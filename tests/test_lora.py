@@ -143,6 +143,34 @@ def test_lora_run_checkpoints_resume_and_export(cache, tmp_path, capsys):
         assert not torch.allclose(merged(x, s, c, g), backbones.toy_net(cfg)(x, s, c, g))
 
 
+def test_lora_lr_is_the_adapters_rate_alone(cache, tmp_path):
+    """--lora-lr: the adapter in its own AdamW group at that rate, the guidance embedding and the
+    logvar head at --lr. Adam's first step moves a coordinate by its group's lr (g/|g|): B starts
+    at 0, so after one step max|B| is --lora-lr; without the flag it is --lr, in one group."""
+    common = [*FAST, "--cache-dir", cache, "--backbone", "digits", "--steps", "1", *LORA]
+    common += ["--lr", "1e-5", "--ckpt-every", "1"]
+    own, same = tmp_path / "own", tmp_path / "same"
+    assert train.main([*common, "--lora-lr", "1e-3", "--out", str(own)]) == 0
+    assert train.main([*common, "--out", str(same)]) == 0
+    for run, lrs, moved in ((own, [1e-5, 1e-3], 1e-3), (same, [1e-5], 1e-5)):
+        state = json.loads((run / "checkpoints" / "step-0000001" / "state.json").read_text())
+        assert [g["lr"] for g in state["optimizer"]["param_groups"]] == lrs
+        t = ckpt(run, 1)
+        b = max(float(t[k].abs().max()) for k in t if k.startswith("student/") and "lora_B" in k)
+        assert b == pytest.approx(moved, rel=1e-3)
+    flags = ["--backbone", "digits", "--teacher-steps", "60", "--cache-dir", cache, *LORA]
+    student, head = (
+        backbones.build(parse_args(flags)).student(),
+        [torch.nn.Parameter(torch.ones(2))],
+    )
+    groups = lora.param_groups(student, head, 1e-5, 1e-3)
+    names = {id(p): n for n, p in student.named_parameters()}
+    assert all("lora_" in names[id(p)] for p in groups[1]["params"])
+    assert all("lora_" not in names.get(id(p), "head") for p in groups[0]["params"])
+    n = len(lora.trainable_names(student)) + len(head)
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == n
+
+
 def test_lora_from_a_bank_is_the_online_lora_run(cache, tmp_path):
     """--bank with --student lora: the same checkpoints as the online LoRA run, bit for bit."""
     pairs = [*FAST, "--backbone", "digits", "--cache-dir", cache]
@@ -203,6 +231,8 @@ def test_sana_lora_run_and_export(cache, tmp_path):
     "args, message",
     [
         (["--lora-rank", "8"], "need --student lora"),
+        (["--lora-lr", "1e-4"], "need --student lora"),
+        ([*LORA, "--lora-lr", "-1"], "--lora-lr must be >= 0"),
         ([*LORA, "--lora-targets", "nothing_here"], "--lora-targets"),
         (["--student", "lora", "--lora-rank", "0"], "--lora-rank must be >= 1"),
         ([*SANA, *LORA, "--frozen-precision", "bf16"], "needs --precision bf16"),
