@@ -46,11 +46,13 @@ TABLES = {  # variant name → extra train.py flags
     # Tab. 7: r rises linearly to r_final over H steps and stays, vs up to 1, later down to r_final
     "r_schedule": {"warmup to r_final": ["--r-direct"], "warmup-cooldown": []},
     # ours: the LoRA student (lora.py) against the full copy, same pairs and steps; also at the
-    # larger learning rates adapters usually train at (the full student drifts there on digits)
+    # larger learning rates adapters usually train at: for all that trains (--lr) or for the
+    # adapter alone (--lora-lr; the guidance embedding and logvar head stay at 3e-5)
     "lora": {"full": []}
     | {f"LoRA r{r}": ["--student", "lora", "--lora-rank", str(r)] for r in (4, 16, 64)}
     | {
-        f"LoRA r{r} lr {lr}": ["--student", "lora", "--lora-rank", str(r), "--lr", lr]
+        f"LoRA r{r} {which} {lr}": ["--student", "lora", "--lora-rank", str(r), flag, lr]
+        for which, flag in (("lr", "--lr"), ("adapter lr", "--lora-lr"))
         for r in (16, 64)
         for lr in ("1e-4", "3e-4")
     },

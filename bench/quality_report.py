@@ -30,7 +30,8 @@ CLAIMS = {
         (f"the full student beats LoRA rank {r} (ours)", "full", f"LoRA r{r}") for r in (4, 16, 64)
     ]
     + [
-        (f"the full student beats LoRA rank {r} at lr {lr} (ours)", "full", f"LoRA r{r} lr {lr}")
+        (f"the full student beats LoRA rank {r} at {w} {lr} (ours)", "full", f"LoRA r{r} {w} {lr}")
+        for w in ("lr", "adapter lr")
         for r in (16, 64)
         for lr in ("1e-4", "3e-4")
     ],
