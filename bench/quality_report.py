@@ -100,7 +100,6 @@ def claims(summary: dict) -> list[dict]:
 
 def markdown(summary: dict, samplers: tuple[str, ...] = SAMPLERS, floor: bool = True) -> str:
     """The table (rows: variant × sampler) and one line per claim of summary["claims"]."""
-    n = len(summary["seeds"])
     lines = [
         f"| variant | sampler | {summary['distance_name']} ↓ | alignment ↑ | NFE |",
         "|---|---|---|---|---|",
@@ -113,7 +112,12 @@ def markdown(summary: dict, samplers: tuple[str, ...] = SAMPLERS, floor: bool = 
             lines.append(f"| {name} | {smp} | {d} | {al} | {nfe} |")
     if floor:
         lines.append(f"| real data (floor) | – | {summary['floor']:.3f} | – | – |")
-    lines.append("")
+    return "\n".join([*lines, "", *claim_lines(summary)]) + "\n"
+
+
+def claim_lines(summary: dict) -> list[str]:
+    """One line per claim: the verdict, the mean paired difference and its 95 % interval."""
+    lines, n = [], len(summary["seeds"])
     for c in summary["claims"]:
         lo, hi = c["ci95"]
         more = c.get("seeds_to_resolve")
@@ -122,12 +126,33 @@ def markdown(summary: dict, samplers: tuple[str, ...] = SAMPLERS, floor: bool = 
             f"- {c['claim']}, {c['sampler']}: {c['verdict']} (difference {c['diff']:+.2f}, 95 % "
             f"CI [{lo:+.2f}, {hi:+.2f}] over {n} paired seeds{more})"
         )
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def wide(summary: dict) -> str:
+    """A row per variant, the distance at 1, 2 and 4 steps (the markdown file keeps the alignment);
+    the teacher (the same in every variant) and the floor below it; then the claim lines."""
+    students = [smp for smp in SAMPLERS if smp != "teacher@N"]
+    lines = [f"| variant | {' | '.join(students)} |", "|---|" + "---|" * len(students)]
+    for name, v in summary["variants"].items():
+        lines.append(f"| {name} | {' | '.join(mean_std(v[s]['distance']) for s in students)} |")
+    teacher = next(iter(summary["variants"].values()))["teacher@N"]
+    lines += [
+        "",
+        f"{summary['distance_name']} ↓, mean ± std over seeds "
+        f"{', '.join(map(str, summary['seeds']))}; teacher@N {mean_std(teacher['distance'])} "
+        f"({teacher.get('nfe') or teacher_nfe(summary)} NFE); "
+        f"real data (floor) {summary['floor']:.3f}.",
+    ]
+    return "\n".join([*lines, "", *claim_lines(summary)]) + "\n"
 
 
 def readme_markdown(summary: dict) -> str:
-    """The README's block `quality_<table>`: main, schemes, lora in full; ablations at 1–2 steps."""
-    if summary["table"] in ("main", "schemes", "lora"):
+    """The README's block `quality_<table>`: main and schemes in full, lora wide (a row per
+    variant), the ablations at 1–2 steps."""
+    if summary["table"] == "lora":
+        return wide(summary)
+    if summary["table"] in ("main", "schemes"):
         return markdown(summary)
     return markdown(summary, ("student@1", "student@2"), floor=False)
 

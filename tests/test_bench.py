@@ -217,6 +217,12 @@ def test_quality_write_table_and_claims(tmp_path):
     assert len(verdicts) == 2 and all(": reproduced (difference -2.00" in line for line in verdicts)
     saved = json.loads((tmp_path / "quality_digits_r_schedule.json").read_text())
     assert [c["verdict"] for c in saved["claims"]] == ["reproduced", "reproduced"]
+    # the wide form (the lora table's README block): a row per variant, 1/2/4 steps
+    wide = quality_report.wide(saved).splitlines()
+    assert wide[0] == "| variant | student@1 | student@2 | student@4 |"
+    assert wide[2] == "| warmup to r_final | 14.167 ± 1.041 | 15.167 ± 1.041 | 16.167 ± 1.041 |"
+    assert "teacher@N 13.167 ± 1.041" in wide[5] and "seeds 0, 1, 2" in wide[5]
+    assert wide[7:] == [line for line in md if "paired seeds" in line]
 
 
 def test_quality_seeds_to_resolve():
