@@ -1,4 +1,4 @@
-"""The one teacher interface (`Teacher`) and its kinds: toy teachers trained here, Sana (diffusers).
+"""The one teacher interface (`Teacher`) and its kinds: toy teachers (toy_teacher.py) and Sana.
 
 Flow-matching units at this interface (x_s = (1 − s)·x0 + s·ε, v = ε − x0, s ∈ [0, 1]); pairs.py and
 metrics.py wrap `velocity` in trigflow.TrigFlow (Eqs. 5–7), so trajectory.py, loss.py and
@@ -29,16 +29,18 @@ class Teacher(Protocol):
     Flow-matching units throughout (data x0, a latent for Sana; x_s = (1 − s)·x0 + s·ε; v = ε − x0).
     """
 
-    data_shape: tuple[int, ...]  # one sample, e.g. (C, h, w)
-    prompt_names: list[str]  # prompt index → its text (toy: the class)
-    velocity: nn.Module  # the frozen teacher v(x_s [B, ...], s [B], cond, None) → v [B, ...]
-    uncond: (
-        Any  # the empty prompt's (null class's) conditioning, batch 1: CFG's unconditional branch
-    )
-    black: (
-        torch.Tensor
-    )  # [1, *data_shape]: the all-black image's data (latent), for the brightness filter
-    distance_name: str  # what `evaluate` reports as "distance" (lower is better)
+    # one sample's shape, e.g. (C, h, w) of a latent
+    data_shape: tuple[int, ...]
+    # prompt index → its text (toy: the class name)
+    prompt_names: list[str]
+    # the frozen teacher v(x_s [B, ...], s [B], cond, None) → v [B, ...]
+    velocity: nn.Module
+    # the empty prompt's (null class's) conditioning, batch 1: CFG's unconditional branch
+    uncond: Any
+    # [1, *data_shape]: the all-black image's data (its latent for Sana), for the brightness filter
+    black: torch.Tensor
+    # what `evaluate` reports as "distance" (lower is better)
+    distance_name: str
 
     def cond(self, prompt: torch.Tensor) -> Any:
         """Prompt indices [B] → conditioning of batch B (a tensor or a tuple of tensors)."""
@@ -66,7 +68,7 @@ class Teacher(Protocol):
 
 
 class ToyTeacher:
-    """toy2d / digits / cifar10: a flow-matching teacher trained here (cached); prompt = class."""
+    """toy2d / digits / cifar10: a flow-matching teacher, trained on first use and cached."""
 
     def __init__(self, cfg: Config):
         name, data_dir = cfg.backbone, cfg.data_dir or None

@@ -64,7 +64,7 @@ def add_lora(net: nn.Module, rank: int, alpha: float, suffixes: tuple[str, ...])
 
 def param_groups(net: nn.Module, rest: list[nn.Parameter], lr: float, lora_lr: float) -> list:
     """AdamW's groups: what trains in net and then `rest` (the logvar head) at lr, the adapter at
-    lora_lr. One group when lora_lr is 0 (or lr): the optimiser and its checkpoints as before."""
+    lora_lr. One group when lora_lr is 0 (or lr): the optimiser state of a single-rate run."""
     named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
     if lora_lr in (0, lr):
         return [{"params": [p for _, p in named] + rest}]

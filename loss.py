@@ -5,6 +5,13 @@ directional central finite difference); tangent normalisation, adaptive weightin
 warm-up/cool-down. t ∈ [0, π/2], t = 0 is data; F sees x_t/σ_d; f = cos t·x_t − sin t·σ_d·F.
 """
 
+# Why an MSE has Eq. 2's gradient: with F⁻ and g held fixed (stop-gradient), ∇_θ ½‖F_θ − F⁻ − g‖²
+# = (F_θ − F⁻ − g)·∇_θF_θ, and at θ = θ⁻ (F_θ = F⁻) that is −g·∇_θF_θ = −cos t·(df⁻/dt)·∇_θF_θ.
+# Eq. 2's ∇_θ⟨f_θ, df⁻/dt⟩ is −σ_d sin t·(df⁻/dt)·∇_θF_θ (∇_θf_θ = −σ_d sin t·∇_θF_θ): the same
+# direction per pair, up to positive per-pair factors (1/(σ_d tan t); 1/(‖g‖ + c) once g is
+# normalised) that the weighting absorbs. tests/test_loss.py pins this gradient
+# (test_gradient_flows_only_through_F_theta).
+
 import math
 from collections.abc import Callable
 
@@ -20,6 +27,10 @@ StudentF = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def r_schedule(step: int, *, H: int, S_r: int, T_r: int, r_final: float, direct: bool) -> float:
     """Alg. 1 (R adjustment): warm up 0 → 1 in H steps, from S_r fall linearly to r_final in T_r.
 
+    r multiplies the unstable term cos t·sin t·(x_t + σ_d·dF⁻/dt) of g (`tangent_g`): it holds the
+    student's own time derivative, noisy while the student is far from consistent. At r = 0, g is
+    −cos²t·(σ_d F⁻ − dx_t/dt), a pull towards the teacher's velocity alone; warming r up lets the
+    self-consistency term in once training is stable (sCM), and TBCM cools it to r_final (Tab. 6).
     direct: the paper's Tab. 7 alternative, warm up 0 → r_final in H steps and stay (no cool-down).
     """
     # r = min(1, Iters/H); p = clamp((Iters − S_r)/T_r, 0, 1); r ← (1 − p)·r + p·r_f
@@ -38,12 +49,14 @@ def jvp_cs_dF_dt(
     sigma_d: float,
     fd_eps: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eqs. (3)–(4): F⁻ and cos t·sin t·dF⁻/dt along the ODE, by one forward-mode JVP (no gradient).
+    """Eqs. (3)–(4): returns (F⁻, cos t·sin t·dF⁻/dt), dF⁻/dt taken along the ODE by one JVP.
 
-    x = x_t/σ_d. The JVP tangent is (cos t·sin t·dx_t/dt/σ_d, cos t·sin t), so its output is already
-    scaled by cos t·sin t (as in sCM's code); it runs under the math SDPA backend, which has forward
-    AD. With fd_eps: a central finite difference along the same direction (error O(fd_eps²)), for
-    models forward AD cannot go through (fused attention, DDP/FSDP wrappers, checkpointing).
+    x = x_t/σ_d. dF⁻/dt = ∂F/∂x·(dx/dt)/σ_d + ∂F/∂t is one forward-mode JVP (no gradient) with the
+    tangent (dx_t/dt/σ_d, 1). The JVP is linear in its tangent, so the tangent is pre-scaled by
+    cos t·sin t: the output is then cos t·sin t·dF⁻/dt, the only form g uses (Alg. 1), as in sCM's
+    code. It runs under the math SDPA backend, which has forward AD. With fd_eps: a central finite
+    difference along the same direction (error O(fd_eps²)), for models forward AD cannot go through
+    (fused attention, DDP/FSDP wrappers, checkpointing).
     """
     cs = torch.cos(t) * torch.sin(t)  # [P]
     v_x, v_t = bcast(cs, x) * dxdt / sigma_d, cs
@@ -71,7 +84,8 @@ def tangent_g(
 ) -> torch.Tensor:
     """Alg. 1 / Eq. (4)·cos t: g = −cos²t·(σ_d F⁻ − dx_t/dt) − r·cos t·sin t·(x_t + σ_d·dF⁻/dt).
 
-    cs_dF_dt is cos t·sin t·dF⁻/dt (from `jvp_cs_dF_dt`). With r = 1 this is exactly cos t·df⁻/dt.
+    cs_dF_dt is cos t·sin t·dF⁻/dt (from `jvp_cs_dF_dt`). With r = 1 this is exactly cos t·df⁻/dt;
+    r scales "the unstable term", cos t·sin t·(x_t + σ_d·dF⁻/dt) (Sec. 4.3, `r_schedule`).
     """
     cos_t, sin_t = bcast(torch.cos(t), x_t), bcast(torch.sin(t), x_t)
     return -(cos_t**2) * (sigma_d * F_minus - dxdt) - r * (cos_t * sin_t * x_t + sigma_d * cs_dF_dt)

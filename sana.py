@@ -228,7 +228,7 @@ class MatmulAttnProcessor:
                 mask = attn.prepare_attention_mask(attention_mask, context.shape[1], B)
                 scores = scores + mask.view(B, attn.heads, -1, mask.shape[-1]).to(fp)
             out = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, -1, attn.heads * d)
-        # back to the input's dtype: under autocast to_out[0] still runs in bf16, as before
+        # back to the input's dtype, as diffusers' processor returns it (bf16 under autocast)
         out = out.to(hidden_states.dtype)
         return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
 

@@ -105,6 +105,8 @@ def rollout(
 
     At each t_i: dx_t/dt = σ_d·F(x_t/σ_d, t_i, cond, w), record (x_t, t_i, dx_t/dt), then step
     x ← cos(t_i − t_{i+1})·x − sin(t_i − t_{i+1})·dx_t/dt (exact when the teacher's x̂0 is constant).
+    σ_d sits where Alg. 1 puts it, in dx_t/dt; Eq. 9 writes dx_t/dt = F and puts σ_d in the step.
+    Both give x ← cos Δ·x − sin Δ·σ_d·F; this form records the velocity the loss needs (Alg. 1).
     z [T, ...] holds T = B·K noises; cond and w have batch T. The state at π/2 is dropped unless
     keep_first. Returns pairs ordered time-major (all trajectories at t_0, then at t_1, ...) and the
     end points x0.
