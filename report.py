@@ -1,7 +1,7 @@
 """The run's figures and summary: samples.png (teacher N-step beside student 1/2/4-step on the same
 noise and prompts) and training.png (loss, ‖g‖, r, kept share by step), from metrics and log.jsonl.
-Matplotlib lives here and in analysis/, never in the concept files. Also the README's generated
-blocks: numbers that scripts write between `<!-- key -->` and `<!-- /key -->` from their JSON.
+Matplotlib lives here and in analysis/, never in the concept files. Also the generated blocks of
+README.md and docs/: numbers that scripts write between `<!-- key -->` and `<!-- /key -->`.
 """
 
 import json
@@ -88,21 +88,66 @@ def summary(metrics: dict, run: Path) -> None:
     print(f"  run directory: {run}")
 
 
+ROOT = Path(__file__).resolve().parent
+# Each generated block → the page that holds it; tests/test_docs.py checks each against its source.
+PAGES = {
+    **{f"quality_{t}": "docs/results.md" for t in ("main", "schemes", "steps", "r_final")},
+    "quality_r_schedule": "docs/results.md",
+    "equivalent_noise": "docs/results.md",
+    "tsne": "docs/results.md",
+    "quality_lora": "docs/lora.md",
+    "cost_small-sana": "docs/cost.md",
+    "cost_small-sana_sweep": "docs/cost.md",
+    "cost_paper-sana": "docs/cost.md",
+    "cost_small-sana_lora": "docs/lora.md",
+    "bank_digits": "docs/bank.md",
+    "gpu_memory": "README.md",
+}
+
+
+def page(key: str) -> Path:
+    """The markdown file that holds the generated block `key` (PAGES)."""
+    if key not in PAGES:
+        raise KeyError(f"no page holds the block {key!r}; add it to report.PAGES")
+    return ROOT / PAGES[key]
+
+
+def span(text: str, key: str) -> tuple[int, int]:
+    """Block `key` of a markdown text: (just after the line `<!-- key -->`, the start of the line
+    `<!-- /key -->`); the block's text is what lies between, its last newline excluded."""
+    begin, end = f"<!-- {key} -->\n", f"<!-- /{key} -->"
+    i = text.find(begin)
+    j = text.find(end, i + len(begin)) if i >= 0 else -1
+    if i < 0 or j < 0 or text[j - 1] != "\n":
+        raise ValueError(f"no block <!-- {key} --> … <!-- /{key} --> on lines of their own")
+    return i + len(begin), j
+
+
 def block(path: Path, key: str) -> str:
     """The text between the lines `<!-- key -->` and `<!-- /key -->` of a markdown file."""
-    text, begin, end = path.read_text(), f"<!-- {key} -->\n", f"\n<!-- /{key} -->"
-    i, j = text.find(begin), text.find(end)
-    if i < 0 or j < i:
-        raise ValueError(f"{path} has no block <!-- {key} --> … <!-- /{key} -->")
-    return text[i + len(begin) : j]
+    text = path.read_text()
+    try:
+        i, j = span(text, key)
+    except ValueError as e:
+        raise ValueError(f"{path} has {e}") from None
+    return text[i : max(i, j - 1)]
 
 
 def replace_block(path: Path, key: str, new: str) -> None:
     """Replace block(path, key) with `new` (written to a sibling, then renamed in one step)."""
-    text, old = path.read_text(), block(path, key)
-    begin = f"<!-- {key} -->\n"
-    i = text.find(begin) + len(begin)
+    text = path.read_text()
+    i, j = span(text, key)
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    tmp.write_text(text[:i] + new.rstrip("\n") + text[i + len(old) :])
+    tmp.write_text(text[:i] + new.rstrip("\n") + "\n" + text[j:])
     os.replace(tmp, path)
     print(f"replaced the block {key} in {path}")
+
+
+def publish(md_path: Path, md: str, more: dict[str, str] | None = None) -> None:
+    """Write a result's markdown; for a committed result (bench/results/<key>.md) also replace the
+    block `key` where a page holds it (PAGES), and the blocks in `more` (key → markdown)."""
+    md_path.write_text(md)
+    if md_path.resolve().parent == ROOT / "bench" / "results":
+        blocks = {md_path.stem: md} if md_path.stem in PAGES else {}
+        for key, text in (blocks | (more or {})).items():
+            replace_block(page(key), key, text)

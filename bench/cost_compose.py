@@ -26,8 +26,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cost_report
-from cost_report import TAB3_GB, claim_lines, paper_table
+from cost_report import TAB3_GB, claim_lines, gpu_memory, paper_table
 
+import report
 import sana_io
 import sana_tiny
 from checkpoint import write_json
@@ -245,5 +246,5 @@ def main_paper(a, root: Path) -> str:
     res |= dict(tab3_gb=TAB3_GB, tolerance=TOLERANCE, parts=p) | compose(p)
     write_json(out, res)
     md = paper_table(res)
-    out.with_suffix(".md").write_text(md + "\n")
+    report.publish(out.with_suffix(".md"), md + "\n", {"gpu_memory": gpu_memory(res)})
     return md

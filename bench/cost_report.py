@@ -153,3 +153,23 @@ def paper_table(res: dict) -> str:
         peak = f"{d['peak_above_floor_mb'] / 1024:.2f}"
         rows.append(f"| {label} | {peak} | {c} | {rel} | {d['step_s']:.0f} |")
     return "\n".join(rows + [""] + res.get("claims", []))
+
+
+GPU_ROWS = {  # README's GPU recipe: variant → what a user runs
+    "tbcm": "TBCM, full student (the `sana` preset)",
+    "tbcm-lora": "TBCM, `--student lora` (rank 16, bf16 base)",
+    "bank": "from a bank (`--bank`)",
+    "bank-lora": "from a bank, `--student lora`",
+    "scm": "sCM baseline (DC-AE: 16 images per call)",
+}
+
+
+def gpu_memory(res: dict) -> str:
+    """Markdown for the README: the composed peak per GPU (GB above the libraries' floor) at 512
+    and 1024 px for 1 prompt × 15 pairs, from the paper-shape JSON (cost_paper-sana.json)."""
+    rows = ["| peak per GPU (GB), 15 pairs per step | 512 px | 1024 px |", "|---|---|---|"]
+    for v, label in GPU_ROWS.items():
+        gb = [res["composed"][f"{px}px_vae_batch_16"].get(v) for px in (512, 1024)]
+        cells = [f"{x['peak_mb'] / 1024:.1f}" for x in gb if x]
+        rows += [f"| {label} | " + " | ".join(cells) + " |"] * (len(cells) == 2)
+    return "\n".join(rows)

@@ -1,5 +1,5 @@
 """The quality bench's verdicts and tables (Tabs. 2, 4–7): the paper's claim per table, the
-paired-seed 95 % t-interval that judges it, the markdown, and the README's block per table.
+paired-seed 95 % t-interval that judges it, the markdown, and the docs block per table.
     python bench/quality.py --table main --rewrite --readme   # from the JSON, no training
 """
 
@@ -148,8 +148,8 @@ def wide(summary: dict) -> str:
 
 
 def readme_markdown(summary: dict) -> str:
-    """The README's block `quality_<table>`: main and schemes in full, lora wide (a row per
-    variant), the ablations at 1–2 steps."""
+    """The docs block `quality_<table>` (report.page): main and schemes in full, lora wide (a row
+    per variant), the ablations at 1–2 steps."""
     if summary["table"] == "lora":
         return wide(summary)
     if summary["table"] in ("main", "schemes"):
@@ -158,7 +158,7 @@ def readme_markdown(summary: dict) -> str:
 
 
 def write(summary: dict, out: Path, readme: bool = False) -> None:
-    """The verdicts (into the JSON), the markdown, and with readme the README's block."""
+    """The verdicts (into the JSON), the markdown, and with readme the table's docs block."""
     summary["claims"] = claims(summary)
     out.mkdir(parents=True, exist_ok=True)
     name = f"quality_{summary['backbone']}_{summary['table']}"
@@ -166,6 +166,5 @@ def write(summary: dict, out: Path, readme: bool = False) -> None:
     (out / f"{name}.md").write_text(markdown(summary))
     print(markdown(summary))
     if readme:
-        report.replace_block(
-            ROOT / "README.md", f"quality_{summary['table']}", readme_markdown(summary)
-        )
+        key = f"quality_{summary['table']}"
+        report.replace_block(report.page(key), key, readme_markdown(summary))
