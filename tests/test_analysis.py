@@ -8,7 +8,15 @@ import pytest
 import torch
 
 import report
-from analysis import common, equivalent_noise, predicted_x0, readings, sampling_schemes, tsne
+from analysis import (
+    common,
+    equivalent_noise,
+    pair_sources,
+    predicted_x0,
+    readings,
+    sampling_schemes,
+    tsne,
+)
 from analysis.readings import (
     backward_noise,
     cosine,
@@ -290,3 +298,26 @@ def test_sana_tiny(tmp_path, cache):
     d = json.loads((out / "equivalent_noise.json").read_text())
     assert [len(e["backward"]["cos_mean"]) for e in d["by_w"]] == [4, 4]
     assert d["by_w"][0]["forward_model"] != d["by_w"][1]["forward_model"]
+
+
+def test_pair_sources_script(tmp_path, cache):
+    """TBCM's pairs: at the route's partitioned times (Sec. 4.2), each the Eq. 9 step of the one
+    before on its trajectory; sCM's: x_t = cos t·x0 + sin t·z; both sets equally large."""
+    flags = ["--trajectories", "3", "--N", "4", "--draws", "50"]
+    d = run(pair_sources, tmp_path, cache, "toy2d", *flags)
+    tb = {k: torch.tensor(v) for k, v in d["tbcm"].items() if isinstance(v, list)}
+    sc = {k: torch.tensor(v) for k, v in d["scm"].items() if isinstance(v, list)}
+    assert d["tbcm"]["pairs"] == d["scm"]["pairs"] == 3 * 3
+    ref, route = reference_route(4, d["shift"]), tb["route"]
+    assert route[0] == math.pi / 2 and ((ref[1:] <= route[1:]) & (route[1:] <= ref[:-1])).all()
+    assert torch.equal(tb["traj"], torch.arange(3).repeat(3))  # time-major
+    assert torch.allclose(tb["t"], route[1:].repeat_interleave(3))
+    # Eq. 9: x_{t−Δ} = cos Δ·x_t − sin Δ·dx_t/dt, pair to pair along each trajectory, then to x0
+    delta = (route[1:] - torch.cat([route[2:], route.new_zeros(1)])).repeat_interleave(3)[:, None]
+    step = torch.cos(delta) * tb["x_t"] - torch.sin(delta) * tb["dxdt"]
+    assert torch.allclose(step, torch.cat([tb["x_t"][3:], tb["x0"]]), atol=1e-5)
+    t = sc["t"][:, None]
+    assert torch.allclose(sc["x_t"], torch.cos(t) * sc["x0"] + torch.sin(t) * sc["z"], atol=1e-6)
+    assert not torch.allclose(sc["x_t"], sc["x0"], atol=1e-2)
+    width = d["bin_edges"][1] - d["bin_edges"][0]
+    assert [sum(v) * width for v in d["density"].values()] == pytest.approx([1, 1])
