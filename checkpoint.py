@@ -96,7 +96,7 @@ def unpack_state(
 def save(
     folder: Path, step: int, tensors: dict[str, torch.Tensor], state: dict, keep: int = 2
 ) -> Path:
-    """Write checkpoint `folder/step-<step>` atomically; keep only the newest `keep` checkpoints."""
+    """Write checkpoint `folder/step-<step>` atomically; keep the newest `keep` complete ones."""
     final = folder / f"step-{step:07d}"
     with atomic_path(final) as tmp:
         tmp.mkdir()
@@ -105,14 +105,34 @@ def save(
             tmp / "tensors.safetensors",
         )
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    for old in sorted(folder.glob("step-*"))[:-keep]:
+    # only complete checkpoints count: a half-written folder never pushes out a good one
+    for old in [p for p in sorted(folder.glob("step-*")) if complete(p)][:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def complete(path: Path) -> bool:
+    """Whether checkpoint folder `path` is whole: state.json parses and tensors.safetensors is as
+    long as its header says. `save` renames only whole folders into place; this catches the rest
+    (a copy cut short, a folder being deleted)."""
+    try:
+        json.loads((path / "state.json").read_text())
+        with open(path / "tensors.safetensors", "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            # safetensors: an 8-byte little-endian header length, the JSON header, the data
+            n = int.from_bytes(f.read(8), "little")
+            if 8 + n > size:
+                return False
+            header = json.loads(f.read(n))
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # missing, cut or garbled
+        return False
+    return size == 8 + n + max(ends, default=0)
+
+
 def latest(folder: Path) -> Path | None:
     """The newest complete checkpoint under folder, or None."""
-    done = sorted(p for p in folder.glob("step-*") if (p / "state.json").exists())
+    done = [p for p in sorted(folder.glob("step-*")) if complete(p)]
     return done[-1] if done else None
 
 

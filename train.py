@@ -84,7 +84,12 @@ def train(cfg: Config, student: nn.Module, source: PairSource, run: Path, rank=0
     st = dict(step=0, nan_skipped=0, bad_streak=0, wall_s=0.0, pairs=0, kept_sum=0.0, kept_n=0)
     st |= dict(pool=-1, pool_pos=0)
     if cfg.resume:
-        tensors, meta = checkpoint.load(checkpoint.latest(run / "checkpoints"))
+        path = checkpoint.latest(run / "checkpoints")  # config.validate: there is one
+        skipped = [p.name for p in sorted(path.parent.glob("step-*")) if p.name > path.name]
+        if skipped and rank == 0:
+            names, now = ", ".join(skipped), path.name
+            print(f"--resume: skipped incomplete {names}; resuming from {now}", file=sys.stderr)
+        tensors, meta = checkpoint.load(path)
         if (meta.get("base_sha256") is None) != (base is None):
             raise UsageError(
                 f"--resume: the checkpoint in {run} is not of a --student {cfg.student}"
