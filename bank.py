@@ -230,7 +230,8 @@ def parser() -> Parser:
     p = Parser(description=__doc__.split("\n")[0], usage=usage)
     p.add_argument("command", choices=["build"], help="build (or continue) a bank")
     p.add_argument("--out", required=True, help="the bank's folder (created; a rerun continues it)")
-    p.add_argument("--pools", type=int, default=0, help="pools to hold (default 0: for --steps)")
+    pools = "pools to hold (default 0: for --steps)"
+    p.add_argument("--pools", type=int, default=0, within=">= 0", help=pools)
     dtype = "storage of states and velocities (default: fp32, bit-identical; fp16/bf16: half)"
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help=dtype)
     return p
@@ -245,9 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.method != "tbcm" or cfg.bank:
             drop = f"drop {flag('method')} scm and {flag('bank')}"
             raise UsageError(f"a bank holds TBCM trajectory pairs: {drop}")
-        pools = a.pools or -(-cfg.steps // cfg.pool_steps)
-        if pools < 1:
-            raise UsageError("--pools must be >= 1")
+        pools = a.pools or -(-cfg.steps // cfg.pool_steps)  # >= 1: validate's --steps, --pool-steps
         set_threads(cfg.threads)
         stats = build(cfg, Path(a.out), pools, a.dtype, rank, world)
     except UsageError as e:

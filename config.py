@@ -13,6 +13,7 @@ import math
 import re
 import typing
 from dataclasses import dataclass, fields
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -64,7 +65,7 @@ class Config:
     # near-empty digit; official code: 1.0 on Sana)
     lr: float = 3e-5  # AdamW learning rate, not rescaled (digits: 1e-4 and 3e-4 drift, 1e-5 is
     # slow; TBCM code: CAME at 1e-5)
-    grad_clip: float = 1.0  # gradient norm clip (TBCM code: 0.1 on Sana)
+    grad_clip: float = 1.0  # gradient norm clip, inf: no clipping (TBCM code: 0.1 on Sana)
     ema_decay: float = 0.999  # EMA of the student, the evaluated weights (0: the raw student)
     steps: int = 2000  # optimiser steps (paper: 20000)
     jvp: Literal["jvp", "fd"] = "jvp"  # tangent dF⁻/dt by torch.func.jvp, or by a central finite
@@ -203,10 +204,29 @@ def field_help() -> dict[str, str]:
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse without abbreviations, whose errors raise UsageError (one line, exit 2)."""
+    """argparse without abbreviations, whose errors raise UsageError (one line, exit 2). Every
+    float flag refuses nan and ±inf (`type=float` is `finite`); `within=` names the range (as in
+    RANGES) that a flag's value, or each of its values, must lie in."""
 
     def __init__(self, **kw: Any):
+        self.ranges: dict[str, tuple[str, str]] = {}  # dest → (flag, range)
         super().__init__(allow_abbrev=False, **kw)
+
+    def add_argument(self, *args: Any, within: str = "", **kw: Any) -> argparse.Action:
+        """argparse's, with `finite` for `float` and the range `within` checked after parsing."""
+        if kw.get("type") is float:
+            kw["type"] = finite
+        action = super().add_argument(*args, **kw)
+        if within:
+            self.ranges[action.dest] = ((action.option_strings or [action.dest])[0], within)
+        return action
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        a, rest = super().parse_known_args(args, namespace)
+        for dest, (name, spec) in self.ranges.items():
+            if getattr(a, dest, None) is not None and not holds(spec, getattr(a, dest)):
+                self.error(must(name, spec))
+        return a, rest
 
     def error(self, message: str) -> typing.NoReturn:
         raise UsageError(message)
@@ -217,9 +237,25 @@ class Parser(argparse.ArgumentParser):
         return self.parse_args(argv[:cut]), argv[cut + 1 :]
 
 
+def finite(s: str, inf: bool = False) -> float:
+    """A float flag's value: a finite number (with inf: or +inf, where it means no limit)."""
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    if not (math.isfinite(v) or (inf and v == math.inf)):
+        raise argparse.ArgumentTypeError(f"{s} is not a finite number" + " or inf" * inf)
+    return v
+
+
 def floats(s: str) -> tuple[float, ...]:
-    """A comma-separated list of numbers, e.g. 1.5,2,2.5."""
-    return tuple(float(v) for v in s.split(","))
+    """A comma-separated list of finite numbers, e.g. 1.5,2,2.5."""
+    return tuple(finite(v) for v in s.split(","))
+
+
+def ints(s: str) -> tuple[int, ...]:
+    """A comma-separated list of integers, e.g. 8,12,16."""
+    return tuple(int(v) for v in s.split(","))
 
 
 def parser() -> Parser:
@@ -244,8 +280,9 @@ def parser() -> Parser:
             p.add_argument(name, choices=typing.get_args(kind), default=None, help=text)
         elif typing.get_origin(kind) is tuple:
             p.add_argument(name, type=floats, default=None, metavar="W1,W2,...", help=text)
-        else:
-            p.add_argument(name, type=kind, default=None, help=text)
+        else:  # float: nan and ±inf refused (+inf kept where RANGES allows it: no limit)
+            number = partial(finite, inf=holds(RANGES[f.name], math.inf)) if kind is float else kind
+            p.add_argument(name, type=number, default=None, help=text)
     return p
 
 
@@ -289,55 +326,50 @@ def from_bank(given: dict) -> dict:
     return {**{k: pairs[k] for k in SOURCE_FIELDS}, **given, **{k: pairs[k] for k in PAIR_FIELDS}}
 
 
-AT_LEAST = dict(
-    lora_rank=1,
-    lora_alpha=0,
-    lora_lr=0,
-    N=2,
-    prompts=1,
-    K=1,
-    pool_steps=1,
-    steps=1,
-    n_eval=2,
-    log_every=1,
-    ckpt_every=1,
-    max_bad_steps=1,
-    eval_teacher_steps=1,
-    eval_batch=1,
-    H=0,
-    S_r=0,
-    T_r=0,
-    teacher_steps=0,
-    threads=0,
-    max_sequence_length=0,
-    vae_batch=1,
-)
-POSITIVE = ("lr", "grad_clip", "c", "sigma_d", "fd_eps", "filter_threshold")
-IN = dict(r_final="[0, 1]", ema_decay="[0, 1)", t_min="[0, π/2)", t_mid="(0, π/2)")
+RANGES = {  # field → the range its value (each value of a tuple) must lie in, as `holds` reads it
+    name: spec
+    for spec, names in {
+        ">= 2": "N n_eval",
+        ">= 1": "prompts K pool_steps steps eval_teacher_steps eval_batch log_every ckpt_every "
+        "max_bad_steps resolution vae_batch lora_rank",
+        ">= 0": "cfg_scales eval_w guidance_scale H S_r T_r teacher_steps threads "
+        "max_sequence_length lora_alpha lora_lr",
+        "> 0": "shift P_std c sigma_d filter_threshold lr fd_eps",
+        "(0, inf]": "grad_clip",  # inf: no clipping (clip_grad_norm_ scales by min(1, inf/‖g‖))
+        "finite": "P_mean",
+        "[0, 1]": "r_final",
+        "[0, 1)": "ema_decay",
+        "[0, π/2)": "t_min",
+        "(0, π/2)": "t_mid",
+        "[0, 4294967295]": "seed",  # numpy's and scikit-learn's seeds (t-SNE in analysis/)
+    }.items()
+    for name in names.split()
+}
+
+
+def holds(spec: str, v: Any) -> bool:
+    """v (or each value of a tuple or list) lies in `spec`: ">= a" is [a, inf), "> a" (a, inf),
+    "finite" (-inf, inf), or an interval such as "[0, π/2)"; nan lies in none."""
+    if isinstance(v, (tuple, list)):
+        return all(holds(spec, x) for x in v)
+    op, _, a = spec.partition(" ")
+    spec = {">=": f"[{a}, inf)", ">": f"({a}, inf)", "finite": "(-inf, inf)"}.get(op, spec)
+    lo, hi = (math.pi / 2 if end == "π/2" else float(end) for end in spec[1:-1].split(", "))
+    above = lo <= v if spec[0] == "[" else lo < v
+    return above and (v <= hi if spec[-1] == "]" else v < hi)
+
+
+def must(name: str, spec: str) -> str:
+    """The message for a value out of range: `--lr must be > 0`, `--t-mid must be in (0, π/2)`."""
+    return f"{name} must be {'in ' * (spec[0] in '[(')}{spec}"
 
 
 def validate(cfg: Config, run_dir: bool = True) -> None:
     """Ranges, flag combinations and (run_dir) the run directory, before anything is built."""
-    f, c, half_pi = flag, cfg, math.pi / 2
-    bad = [f"{f(k)} must be >= {lo}" for k, lo in AT_LEAST.items() if getattr(c, k) < lo]
-    bad += [f"{f(k)} must be positive" for k in POSITIVE if getattr(c, k) <= 0]
-    ok_in = dict(
-        r_final=0 <= c.r_final <= 1,
-        ema_decay=0 <= c.ema_decay < 1,
-        t_min=0 <= c.t_min < half_pi,
-        t_mid=0 < c.t_mid < half_pi,
-    )
-    bad += [f"{f(k)} must be in {IN[k]}" for k, ok in ok_in.items() if not ok]
-    bad += [f"{f('cfg_scales')} must be >= 0"] * (min(c.cfg_scales) < 0)
+    f, c = flag, cfg
+    bad = [must(f(k), spec) for k, spec in RANGES.items() if not holds(spec, getattr(c, k))]
     bad += [f"{f('resume')} and {f('overwrite')} exclude each other"] * (c.resume and c.overwrite)
-    sana_only = (
-        "pretrained",
-        "prompts_file",
-        "images",
-        "tiny",
-        "grad_checkpointing",
-        "plain_prompts",
-    )
+    sana_only = "pretrained prompts_file images tiny grad_checkpointing plain_prompts".split()
     if c.backbone != "sana" and any(getattr(c, k) for k in sana_only):
         bad.append(", ".join(map(f, sana_only)) + f" are for {f('backbone')} sana")
     if c.backbone != "sana" and (c.frozen_precision, c.vae_batch) != ("fp32", Config.vae_batch):

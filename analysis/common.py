@@ -20,7 +20,7 @@ import torch  # noqa: E402
 import backbones  # noqa: E402
 import report  # noqa: E402
 import toy  # noqa: E402
-from config import Config, Parser, UsageError, floats, parse_args, validate  # noqa: E402
+from config import RANGES, Config, Parser, UsageError, floats, parse_args, validate  # noqa: E402
 from trajectory import reference_route, rollout  # noqa: E402
 from trigflow import SIGMA_D, TrigFlow  # noqa: E402
 
@@ -30,7 +30,8 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def parser(description: str, sweep_w: tuple[float, ...] = ()) -> Parser:
     """The flags every analysis script shares; scripts add their own. With sweep_w, --w takes a
-    comma-separated list of CFG scales and defaults to sweep_w."""
+    comma-separated list of CFG scales and defaults to sweep_w. --resolution, --seed and
+    --teacher-steps are checked with train.py's ranges (config_of), --w and --shift here."""
     p = Parser(description=description)
     p.add_argument(
         "--backbone", choices=BACKBONES, default="digits", help="the teacher (default: digits)"
@@ -62,6 +63,7 @@ def parser(description: str, sweep_w: tuple[float, ...] = ()) -> Parser:
             "--w",
             type=floats,
             default=sweep_w,
+            within=RANGES["eval_w"],
             help="teacher CFG scales, one set of curves each (default: "
             + ",".join(f"{w:g}" for w in sweep_w)
             + ")",
@@ -71,12 +73,14 @@ def parser(description: str, sweep_w: tuple[float, ...] = ()) -> Parser:
             "--w",
             type=float,
             default=None,
+            within=RANGES["eval_w"],
             help="teacher CFG scale (default: train.py's --eval-w: digits 2, toy2d 1, sana 4.5)",
         )
     p.add_argument(
         "--shift",
         type=float,
         default=None,
+        within=RANGES["shift"],
         help="reference-route shift (default: train.py's --shift: toy2d 1, else 2.5)",
     )
     return p

@@ -65,7 +65,6 @@ def summary(d: dict) -> str:
 def run(a) -> None:
     import matplotlib.pyplot as plt
 
-    common.check(a.n >= 2 and a.N >= 2, "--n and --N must be >= 2")
     T, F = common.load_teacher(a)
     times, z, by_w = readings.sweep(T, F, a)
     numbers = {"n": a.n, "N": a.N, **numbers_of(times, z, by_w)}
@@ -117,10 +116,10 @@ def run(a) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = common.parser(__doc__.split("\n")[0], sweep_w=readings.SWEEP_W)
-    p.add_argument("--n", type=int, default=512, help="samples (trajectories) (default: 512)")
     p.add_argument(
-        "--N", type=int, default=40, help="times on the reference route (Eq. 9 steps) (default: 40)"
+        "--n", type=int, default=512, within=">= 2", help="samples (trajectories) (default: 512)"
     )
+    readings.route_flag(p)
     common.readme_flag(p)
     return common.main(run, p, argv)
 

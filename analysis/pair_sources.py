@@ -14,6 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python analysis/<name>.py`
 from analysis import common
+from config import RANGES
 from pairs import rollout_inputs
 from trajectory import (
     Pairs,
@@ -61,8 +62,6 @@ def run(a) -> None:
     cfg = common.config_of(a)  # train.py's presets fill the flags left unset
     for k in ("N", "P_mean", "P_std"):
         setattr(a, k, getattr(cfg, k) if getattr(a, k) is None else getattr(a, k))
-    ok = a.trajectories >= 1 and a.N >= 2 and a.draws >= 1 and a.arrows >= 0
-    common.check(ok, "--trajectories and --draws must be >= 1, --N >= 2, --arrows >= 0")
     T, F = common.load_teacher(a)
     real = common.held_out(a)[0]
     hp = dict(N=a.N, shift=a.shift, P_mean=a.P_mean, P_std=a.P_std, cfg_scales=(a.w,))
@@ -151,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     # 2-D data only: the picture draws states in the plane
     backbone = next(x for x in p._actions if x.dest == "backbone")
     backbone.choices, backbone.default, backbone.help = ("toy2d",), "toy2d", "the teacher (toy2d)"
+    ranges = {"--N": RANGES["N"], "--P-mean": RANGES["P_mean"], "--P-std": RANGES["P_std"]}
+    ranges |= {"--trajectories": ">= 1", "--arrows": ">= 0", "--draws": ">= 1"}
     for flag, kind, default, what in (
         ("--trajectories", int, 8, "TBCM trajectories, N − 1 pairs each (default: 8)"),
         ("--N", int, None, "route length (default: train.py's --N, toy2d 8)"),
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         ("--arrows", int, 3, "teacher-velocity arrows on this many trajectories (default: 3)"),
         ("--draws", int, 20000, "training steps' routes for the t densities (default: 20000)"),
     ):
-        p.add_argument(flag, type=kind, default=default, help=what)
+        p.add_argument(flag, type=kind, default=default, within=ranges[flag], help=what)
     return common.main(run, p, argv)
 
 

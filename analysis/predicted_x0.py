@@ -16,7 +16,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python analysis/<name>.py`
 import backbones
 from analysis import common
-from config import Config
+from config import RANGES, Config, ints
 from trajectory import TrigFlowModel, reference_route, rollout, sample_route
 from trigflow import SIGMA_D, TrigFlow, x0_from_F
 
@@ -91,8 +91,6 @@ def panel(F: TrigFlow, real, a, scheme: str, N: int, z, cond, w, x_ode, key: int
 def run(a) -> None:
     import matplotlib.pyplot as plt
 
-    ok = a.N >= 2 and min(a.steps) >= 2 and a.n >= 1 and a.routes >= 1 and a.ref_N >= 2
-    common.check(ok, "--N, --steps and --ref-N must be >= 2, --n and --routes >= 1")
     T, F = common.load_teacher(a)
     real = common.held_out(a)
     n_prompts = min(a.n, len(T.prompt_names))
@@ -162,31 +160,38 @@ def main(argv: list[str] | None = None) -> int:
         "--N",
         type=int,
         default=16,
+        within=RANGES["N"],
         help="route length of the scheme comparison (Fig. 9a) (default: 16)",
     )
     p.add_argument(
         "--steps",
-        type=lambda s: tuple(int(v) for v in s.split(",")),
+        type=ints,
         default=(8, 12, 16, 20),
+        within=RANGES["N"],
         help="route lengths of the reference route (Fig. 9b, Tab. 5; default: 8,12,16,20)",
     )
     p.add_argument(
         "--n",
         type=int,
         default=64,
+        within=">= 1",
         help="trajectories per route draw (same noises throughout) (default: 64)",
     )
-    p.add_argument("--routes", type=int, default=8, help="route draws per panel (default: 8)")
+    p.add_argument(
+        "--routes", type=int, default=8, within=">= 1", help="route draws per panel (default: 8)"
+    )
     p.add_argument(
         "--ref-N",
         type=int,
         default=64,
+        within=RANGES["N"],
         help="steps of the Flow-Euler route giving the ODE solution (default: 64)",
     )
     p.add_argument(
         "--prompt",
         type=int,
         default=0,
+        within=">= 0",
         help="the trajectory shown is the one of this prompt (default: 0)",
     )
     return common.main(run, p, argv)

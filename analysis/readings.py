@@ -17,6 +17,7 @@ import torch
 
 import backbones
 from analysis import common
+from config import RANGES, Parser
 from trajectory import TrigFlowModel, reference_route, rollout
 from trigflow import SIGMA_D, TrigFlow, diffuse, equivalent_noise, x0_from_F
 
@@ -133,6 +134,17 @@ def sweep(
         w_b = torch.full((a.n,), w, device=a.device)
         out[w] = curves(F, x0_of[w], z, times, cond, w_b, SIGMA_D)
     return times, z, out
+
+
+def route_flag(p: Parser) -> None:
+    """--N of `sweep`: the times on the reference route."""
+    p.add_argument(
+        "--N",
+        type=int,
+        default=40,
+        within=RANGES["N"],
+        help="times on the reference route (Eq. 9 steps) (default: 40)",
+    )
 
 
 def panel_w(ws: tuple[float, ...]) -> float:

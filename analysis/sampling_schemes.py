@@ -14,6 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python analysis/<name>.py`
 from analysis import common
+from config import RANGES
 from trajectory import reference_route, sample_route
 from trigflow import SIGMA_D
 
@@ -31,7 +32,6 @@ def draw(scheme: str, n: int, a, g: torch.Generator) -> torch.Tensor:
 def run(a) -> None:
     import matplotlib.pyplot as plt
 
-    common.check(a.N >= 2 and a.draws >= 1, "--N must be >= 2 and --draws >= 1")
     edges = torch.linspace(0, math.pi / 2, BINS + 1, dtype=torch.float64)
     numbers = {
         "N": a.N,
@@ -84,21 +84,26 @@ def main(argv: list[str] | None = None) -> int:
         "--N",
         type=int,
         default=16,
+        within=RANGES["N"],
         help="times per route (paper Tab. 5; official code 16) (default: 16)",
     )
     p.add_argument(
         "--draws",
         type=int,
         default=20000,
+        within=">= 1",
         help="routes per scheme for the density (default: 20000)",
     )
     p.add_argument(
         "--P-mean",
         type=float,
         default=0.2,
+        within=RANGES["P_mean"],
         help="logit-normal (Sana-Sprint; paper Sec. 5.2) (default: 0.2)",
     )
-    p.add_argument("--P-std", type=float, default=1.6, help="idem (default: 1.6)")
+    p.add_argument(
+        "--P-std", type=float, default=1.6, within=RANGES["P_std"], help="idem (default: 1.6)"
+    )
     return common.main(run, p, argv)
 
 

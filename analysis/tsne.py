@@ -67,8 +67,6 @@ def run(a) -> None:
     import matplotlib.pyplot as plt
     from sklearn.manifold import TSNE
 
-    ok = a.n >= 2 * FOLDS and a.N >= 2 and a.k >= 1
-    common.check(ok, f"--n must be >= {2 * FOLDS}, --N >= 2 and --k >= 1")
     T, F = common.load_teacher(a)
     times, z, by_w = readings.sweep(T, F, a)
     sel = list(dict.fromkeys(int((times - t).abs().argmin()) for t in a.times))
@@ -134,19 +132,26 @@ def run(a) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = common.parser(__doc__.split("\n")[0], sweep_w=readings.SWEEP_W)
     p.add_argument(
-        "--n", type=int, default=300, help="samples (trajectories) per process (default: 300)"
+        "--n",
+        type=int,
+        default=300,
+        within=f">= {2 * FOLDS}",
+        help="samples (trajectories) per process (default: 300)",
     )
-    p.add_argument(
-        "--N", type=int, default=40, help="times on the reference route (Eq. 9 steps) (default: 40)"
-    )
+    readings.route_flag(p)
     p.add_argument(
         "--times",
         type=floats,
         default=(1.3, 0.9, 0.5, 0.1),
+        within="[0, π/2]",
         help="t-SNE at the route times nearest to these (default: 1.3,0.9,0.5,0.1)",
     )
     p.add_argument(
-        "--k", type=int, default=5, help="neighbours of the k-NN two-sample test (default: 5)"
+        "--k",
+        type=int,
+        default=5,
+        within=">= 1",
+        help="neighbours of the k-NN two-sample test (default: 5)",
     )
     common.readme_flag(p)
     return common.main(run, p, argv)

@@ -168,8 +168,8 @@ def parser() -> Parser:
     add("--device", help="torch device, e.g. cuda (default: cpu; as train.py's --device)")
     add("--precision", choices=["fp32", "bf16"], help="autocast (default: train.py's; paper: bf16)")
     add("--quick", action="store_true", help="small-sana at 256 px, 2 steps after 1 (default: off)")
-    add("--steps", type=int, help="measured steps per variant (default: 5; --quick: 2)")
-    add("--warmup", type=int, help="unmeasured steps before them (default: 2; --quick: 1)")
+    add("--steps", type=int, within=">= 1", help="measured steps (default: 5; --quick: 2)")
+    add("--warmup", type=int, within=">= 0", help="steps before them (default: 2; --quick: 1)")
     add("--resolution", type=int, help="small-sana image side (default: 512; --quick: 256)")
     add("--sweep", metavar="R1,R2,...", help="small-sana peak memory only (default: none)")
     add("--pretrained", metavar="DIR", help="small-sana: a SanaPipeline folder (default: none)")
@@ -189,8 +189,8 @@ def check(a, extra: list[str]) -> list[int]:
         )
     if a.resolution is not None and (a.config != "small-sana" or a.sweep):
         raise UsageError("--resolution is for --config small-sana without --sweep")
-    if (a.steps is not None and a.steps < 1) or (a.warmup is not None and a.warmup < 0):
-        raise UsageError("--steps must be >= 1 and --warmup >= 0")
+    if a.resolution is not None and (a.resolution < 64 or a.resolution % 32):
+        raise UsageError("--resolution must be a multiple of 32, >= 64 (as each --sweep entry)")
     config = CONFIGS["small-sana" if a.sweep or a.config == "paper-sana" else a.config].split()
     validate(parse_args([*config, *extra]), run_dir=False)
     try:

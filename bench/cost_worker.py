@@ -135,13 +135,15 @@ def extras(cfg: Config, Ks: tuple[int, ...] = (1, 2, 4, 8)) -> dict:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = Parser(description=__doc__.split("\n")[0], usage=__doc__.split("\n")[5].strip())
-    p.add_argument("--steps", type=int, default=5, help="measured steps (default: 5)")
-    p.add_argument("--warmup", type=int, default=2, help="steps before them (default: 2)")
+    p.add_argument(
+        "--steps", type=int, default=5, within=">= 1", help="measured steps (default: 5)"
+    )
+    p.add_argument(
+        "--warmup", type=int, default=2, within=">= 0", help="steps before them (default: 2)"
+    )
     p.add_argument("--extras", action="store_true", help="the extras instead (default: off)")
     try:
         a, train_flags = p.parse_before_dashes(argv)
-        if a.steps < 1 or a.warmup < 0:
-            raise UsageError("--steps must be >= 1 and --warmup >= 0")
         cfg = parse_args([*train_flags, "--steps", str(a.warmup + a.steps)])
         validate(cfg, run_dir=False)
         set_threads(cfg.threads)  # as train.py does

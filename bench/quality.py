@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quality_report import SAMPLERS, write
 
-from config import Config, Parser, UsageError, parse_args, validate
+from config import RANGES, Config, Parser, UsageError, parse_args, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = asdict(Config())  # the defaults name the shared default run
@@ -131,11 +131,16 @@ def parser() -> Parser:
     add = p.add_argument
     add("--table", choices=sorted(TABLES), default="main", help="which table (default: main)")
     add("--backbone", default="digits", help="train.py --backbone (default: digits)")
-    add("--seeds", type=int, nargs="+", default=[0, 1, 2], help="train.py --seed (default: 0 1 2)")
+    seeds = "train.py --seed (default: 0 1 2)"
+    add("--seeds", type=int, nargs="+", default=[0, 1, 2], within=RANGES["seed"], help=seeds)
     add("--runs", default="runs/bench", help="run folders, reused (default: runs/bench)")
     add("--results", default="bench/results", help="JSON and markdown (default: bench/results)")
     add(
-        "--jobs", type=int, default=2, help="train.py processes at once, 1 thread each (default: 2)"
+        "--jobs",
+        type=int,
+        default=2,
+        within=">= 1",
+        help="train.py processes at once, 1 thread each (default: 2)",
     )
     add(
         "--rewrite",
@@ -158,8 +163,6 @@ def main(argv: list[str] | None = None) -> int:
         path = ROOT / a.results / f"quality_{a.backbone}_{a.table}.json"
         if a.rewrite and not path.exists():
             raise UsageError(f"--rewrite: {path} does not exist (run the table first)")
-        if a.jobs < 1:
-            raise UsageError("--jobs must be >= 1")
         validate(parse_args(["--backbone", a.backbone, *extra]), run_dir=False)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -44,6 +44,7 @@ SCRIPTS = {
     "analysis/tsne.py": "--back",
     "analysis/sampling_schemes.py": "--back",
     "analysis/predicted_x0.py": "--back",
+    "analysis/pair_sources.py": "--back",
     "bench/cost.py": "--conf",
     "bench/quality.py": "--tab",
     "bench/bank_storage.py": "--res",
