@@ -25,7 +25,6 @@ from trajectory import reference_route, rollout  # noqa: E402
 from trigflow import SIGMA_D, TrigFlow  # noqa: E402
 
 BACKBONES = ("digits", "toy2d", "sana")
-README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def parser(description: str, sweep_w: tuple[float, ...] = ()) -> Parser:
@@ -188,7 +187,7 @@ def write(
     summary: Callable[[dict], str] | None = None,
 ) -> None:
     """<out>/<name>.json (with the flags) and .png; with `summary` (numbers → markdown) also .md,
-    printed, and with --readme put into README.md's block `<!-- name -->`."""
+    printed, and with --readme put into its page's block `<!-- name -->` (report.page)."""
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     numbers = {"args": dict(vars(a)), **numbers}
@@ -201,15 +200,15 @@ def write(
         (out / f"{name}.md").write_text(md)
         print(md)
         if getattr(a, "readme", False):
-            report.replace_block(README, name, md)
+            report.replace_block(report.page(name), name, md)
 
 
 def readme_flag(p: Parser) -> None:
-    """--readme: the script's numbers also replace its block in README.md."""
+    """--readme: the script's numbers also replace its block in docs/results.md."""
     p.add_argument(
         "--readme",
         action="store_true",
-        help="also replace this script's numbers in README.md (default: off)",
+        help="also replace this script's numbers in docs/results.md (default: off)",
     )
 
 

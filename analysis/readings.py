@@ -1,7 +1,7 @@
 """Finding 2, Eq. (8): the equivalent noise along both processes, in both readings of the paper.
 
 Noise_eqv = (x_t − cos t·x̂0)/sin t. The paper compares it along forward diffusion and along the
-teacher's ODE (Figs. 3 and 8) without saying which x̂0 its forward branch uses, so both are here:
+teacher's ODE (Figs. 3 and 8) without saying which x̂0 its forward branch uses, so it draws both:
 - forward_known, reading (a): x̂0 = the true x0 that forward diffusion built x_t = cos t·x0 + sin t·z
   from. Noise_eqv = z at every t, by construction: the noise a forward training pair carries.
 - forward_model, reading (b): x̂0 = the teacher's estimate cos t·x_t − sin t·σ_d·F(x_t/σ_d, t) (the

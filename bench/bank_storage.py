@@ -14,6 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import report
 from config import Parser, UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in res["banks"].values():
         del r["losses"]
     (out / "bank_digits.json").write_text(json.dumps(res, indent=1))
-    (out / "bank_digits.md").write_text("\n".join(lines) + "\n")
+    report.publish(out / "bank_digits.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

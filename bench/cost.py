@@ -27,6 +27,7 @@ import cost_report
 from cost_compose import PARTS
 from cost_report import VARIANTS, claim_lines, fit, ratios_of, sweep_table, table
 
+import report
 import sana_io
 import sana_tiny
 from config import Parser, UsageError, parse_args, validate
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(a.json) if a.json else ROOT / "bench" / "results" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(res, indent=1))
-    path.with_suffix(".md").write_text(md)
+    report.publish(path.with_suffix(".md"), md)
     print(md)
     return 0
 

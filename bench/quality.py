@@ -151,7 +151,8 @@ def parser() -> Parser:
     add(
         "--readme",
         action="store_true",
-        help="also replace the table's block in README.md (default: off)",
+        help="also replace the table's block in its docs page, docs/results.md or docs/lora.md "
+        "(default: off)",
     )
     return p
 

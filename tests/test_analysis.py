@@ -8,15 +8,7 @@ import pytest
 import torch
 
 import report
-from analysis import (
-    common,
-    equivalent_noise,
-    pair_sources,
-    predicted_x0,
-    readings,
-    sampling_schemes,
-    tsne,
-)
+from analysis import equivalent_noise, pair_sources, predicted_x0, sampling_schemes, tsne
 from analysis.readings import (
     backward_noise,
     cosine,
@@ -208,16 +200,6 @@ def test_equivalent_noise_is_deterministic(tmp_path, cache):
     a = run(equivalent_noise, tmp_path / "a", cache, "toy2d", *flags)
     b = run(equivalent_noise, tmp_path / "b", cache, "toy2d", *flags)
     assert a["by_w"] == b["by_w"]
-
-
-@pytest.mark.parametrize("script", [equivalent_noise, tsne])
-def test_readme_blocks_are_the_committed_json(script):
-    """The README's Finding-2 numbers are summary(docs/<name>.json), as `--out docs --readme`
-    writes them; the committed run used the defaults (digits, the full sweep)."""
-    name = script.__name__.split(".")[-1]
-    d = json.loads((common.README.parent / "docs" / f"{name}.json").read_text())
-    assert d["args"]["backbone"] == "digits" and tuple(d["args"]["w"]) == readings.SWEEP_W
-    assert report.block(common.README, name) == script.summary(d).rstrip("\n")
 
 
 def test_replace_block(tmp_path):
