@@ -394,7 +394,7 @@ def validate(cfg: Config, run_dir: bool = True) -> None:
         bad.append(f"{f('device')} {c.device} but CUDA is not available; use {f('device')} cpu")
     run = Path(c.out)
     if run_dir and c.resume and not checkpoint.latest(run / "checkpoints"):
-        bad.append(f"{f('resume')}: no checkpoint under {run}/checkpoints")
+        bad.append(f"{f('resume')}: no complete checkpoint under {run}/checkpoints")
     if run_dir and (run / "config.json").exists() and not (c.resume or c.overwrite):
         bad.append(
             f"{run} already holds a run; pass {f('resume')} to continue it, "
