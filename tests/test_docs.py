@@ -96,7 +96,8 @@ HISTORY = re.compile(
 
 
 def test_pages_state_facts_not_history():
-    """No page says what an earlier run gave, what "was" or "now" is, or "here" for a machine."""
+    """No page narrates its own making: no run or version before this one, no "was" or "now", no
+    "here" standing for a machine (commands, output and generated blocks aside)."""
     for page in PAGES:
         text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)  # commands and output
         text = re.sub(r"<!-- ([\w-]+) -->.*?<!-- /\1 -->", "", text, flags=re.S)  # generated
@@ -106,3 +107,19 @@ def test_pages_state_facts_not_history():
 
 def _readme() -> str:
     return (ROOT / "README.md").read_text()
+
+
+STORY = re.compile(
+    r'(?<!scope=")\bsessions?\b|(earlier|previous) (run|version|session)|this machine|'
+    r"our machines|as before",
+    re.I,
+)
+
+
+def test_no_file_tells_its_history():
+    """Code, comments, tests and CI state what is true now; how it came to be lives in git log."""
+    files = [*ROOT.glob("*.py"), *ROOT.glob("*/*.py"), *PAGES, ROOT / ".ci" / "run"]
+    for path in files:
+        if path.name != "test_docs.py":
+            hits = [m.group(0) for m in STORY.finditer(path.read_text(encoding="utf-8"))]
+            assert not hits, f"{path.relative_to(ROOT)}: {hits}"
