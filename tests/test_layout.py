@@ -23,7 +23,7 @@ BY_FLOOR = {
     2: "pairs metrics lora",
     3: "backbones",
     4: "bank",
-    5: "train analysis/common",
+    5: "train evaluate analysis/common",
     6: "analysis/readings analysis/predicted_x0 analysis/sampling_schemes analysis/pair_sources "
     "bench/bank_storage bench/quality_report bench/cost_step bench/cost_report",
     # a variant's process; paper-sana's parts composed; Eq. 8's readings drawn
