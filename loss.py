@@ -166,8 +166,8 @@ def scm_loss(
 
     Per pair: (1/(σ_d tan t))·e^{−logvar}·‖F_θ − F⁻ − g‖²/D + logvar, g normalised; gradients
     reach θ only through F_θ (F⁻ and g are stop-gradient) and φ through logvar. mask [P]
-    (brightness filter) drops pairs; the mean is over the kept pairs. Returns (loss, stats) with
-    stats: loss per t-bin, mean ‖g‖ before normalisation, r, and the kept share.
+    (brightness filter) drops pairs; the mean is over the kept pairs. Returns (loss, stats), stats
+    on the device (r a float): loss per t-bin, mean ‖g‖ before normalisation, r, the kept share.
     """
     F_minus, g, g_norm = scm_target(F_theta, x_t, t, dxdt, r=r, sigma_d=sigma_d, c=c, fd_eps=fd_eps)
     return loss_from_target(
@@ -180,7 +180,7 @@ def scm_loss(
         sigma_d=sigma_d,
         t_min=t_min,
         mask=mask,
-        extra={"g_norm": float(g_norm.mean()), "r": r},
+        extra={"g_norm": g_norm.mean(), "r": r},
         t_bins=t_bins,
     )
 
@@ -211,15 +211,10 @@ def loss_from_target(
     loss = (keep * per_pair).sum() / keep.sum().clamp(min=1)
     with torch.no_grad():
         edges = torch.linspace(0, math.pi / 2, t_bins + 1, device=t.device)
-        bins = torch.bucketize(t, edges[1:-1])
-        by_bin = [
-            float(per_pair[bins == k].mean()) if (bins == k).any() else float("nan")
-            for k in range(t_bins)
-        ]
-    stats = {
-        "loss": float(loss.detach()),
-        "loss_by_t_bin": by_bin,
-        **extra,
-        "kept": float(keep.mean()),
-    }
+        bins = torch.bucketize(t, edges[1:-1])  # [P]
+        # the mean per t-bin as one masked sum over all pairs, no boolean indexing (its size
+        # depends on the values: a GPU would wait for the host); an empty bin gives 0/0 = NaN
+        in_bin = bins == torch.arange(t_bins, device=t.device)[:, None]  # [t_bins, P]
+        by_bin = torch.where(in_bin, per_pair, 0).sum(1) / in_bin.sum(1)  # [t_bins]
+    stats = {"loss": loss.detach(), "loss_by_t_bin": by_bin, **extra, "kept": keep.mean()}
     return loss, stats

@@ -130,7 +130,14 @@ def train(cfg: Config, student: nn.Module, source: PairSource, run: Path, rank=0
             loss.backward()
             all_reduce_grads(params, world)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            finite = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
+            logs = log is not None and (step % cfg.log_every == 0 or step + 1 == cfg.steps)
+            # One host read a step (one stall on a GPU): the guard's flag, the kept share and on a
+            # log line its statistics, in one copy. A skip on the device (the update masked by
+            # torch.where) would read nothing, but rewrite the weights and AdamW's moments at every
+            # step, and the host would see a NaN streak only past --max-bad-steps.
+            read = dict(finite=torch.isfinite(loss) & torch.isfinite(grad_norm), kept=stats["kept"])
+            got = host(read | (dict(stats, grad_norm=grad_norm) if logs else {}))
+            finite = bool(got["finite"])
             if finite:
                 opt.step()
                 ema_update(ema, student, cfg.ema_decay, step)
@@ -144,12 +151,12 @@ def train(cfg: Config, student: nn.Module, source: PairSource, run: Path, rank=0
             st.update(
                 step=step + 1, pairs=st["pairs"] + per_step * world, kept_n=st["kept_n"] + 1
             )  # line 18
-            st.update(kept_sum=st["kept_sum"] + stats["kept"], wall_s=time.perf_counter() - t0)
-            if log and (step % cfg.log_every == 0 or step + 1 == cfg.steps):
-                rec = {"step": step, **stats, "grad_norm": float(grad_norm), "wall_s": st["wall_s"]}
-                log.write(json.dumps(rec) + "\n")
+            st.update(kept_sum=st["kept_sum"] + got["kept"], wall_s=time.perf_counter() - t0)
+            if logs:
+                rec = {"step": step, **{k: got[k] for k in stats}, "grad_norm": got["grad_norm"]}
+                log.write(json.dumps(rec | {"wall_s": st["wall_s"]}) + "\n")
                 log.flush()
-                bar.set_postfix(loss=f"{stats['loss']:.4f}", r=f"{r:.2f}")
+                bar.set_postfix(loss=f"{got['loss']:.4f}", r=f"{r:.2f}")
             if st["step"] % cfg.ckpt_every == 0 or interrupt["stop"]:
                 save()
             if interrupt["stop"]:
@@ -157,6 +164,19 @@ def train(cfg: Config, student: nn.Module, source: PairSource, run: Path, rank=0
     if st["step"] % cfg.ckpt_every:
         save()
     return ema, st
+
+
+def host(values: dict) -> dict:
+    """The tensors among `values` read to the host in one copy (one sync on a GPU), a 0-dim one as a
+    float, others as lists of floats (float64 holds every value exactly); the rest as they are."""
+    tensors = [v.detach().reshape(-1) for v in values.values() if isinstance(v, torch.Tensor)]
+    flat = iter(torch.cat([v.double() for v in tensors]).tolist() if tensors else [])
+    return {
+        k: (next(flat) if v.dim() == 0 else [next(flat) for _ in range(v.numel())])
+        if isinstance(v, torch.Tensor)
+        else v
+        for k, v in values.items()
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

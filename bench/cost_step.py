@@ -226,15 +226,15 @@ def train_steps(
                 F_minus, g, g_norm = scm_target(
                     F, x_t, t, dxdt, r=r, sigma_d=cfg.sigma_d, c=cfg.c, fd_eps=fd_eps
                 )
-                extra = {"g_norm": float(g_norm.mean()), "r": r}
+                extra = {"g_norm": g_norm.mean(), "r": r}
             with stage("student_fwd_bwd"):  # lines 15–16
                 kw = dict(sigma_d=cfg.sigma_d, t_min=cfg.t_min, mask=b["keep"], extra=extra)
                 loss, _ = loss_from_target(F, x_t, t, F_minus, g, head(t), **kw)
         with stage("student_fwd_bwd"):  # line 17's gradient, clipped (one process: no all-reduce)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        with stage("optimizer"):  # line 17's step, skipped on NaN/Inf as train.train does
-            if torch.isfinite(loss) and torch.isfinite(grad_norm):
+        with stage("optimizer"):  # line 17's step, skipped on NaN/Inf as train.train does: one read
+            if bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
                 opt.step()
                 ema_update(ema, student, cfg.ema_decay, step)
     stage.sync()

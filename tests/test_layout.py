@@ -25,7 +25,7 @@ BY_FLOOR = {
     4: "bank",
     5: "train evaluate analysis/common",
     6: "analysis/readings analysis/predicted_x0 analysis/sampling_schemes analysis/pair_sources "
-    "bench/bank_storage bench/quality_report bench/cost_step bench/cost_report",
+    "bench/bank_storage bench/quality_report bench/cost_step bench/cost_report bench/sync",
     # a variant's process; paper-sana's parts composed; Eq. 8's readings drawn
     7: "bench/cost_worker bench/cost_compose bench/quality analysis/equivalent_noise analysis/tsne",
     8: "bench/cost bench/cost_stages",  # the cost bench's driver; paper-sana's stages
