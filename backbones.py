@@ -137,6 +137,14 @@ class SanaTeacher:
     def __init__(self, cfg: Config):
         try:  # every input is checked before anything is loaded
             prompts, self.image_paths, captions = sana_io.check_input(cfg)
+            if cfg.tiny:  # also what --backbone sana without --pretrained runs: say so first
+                given = cfg.prompts_file or cfg.images
+                said = "the prompts given" if given else f"{len(prompts)} built-in prompts"
+                print(
+                    f"sana: the tiny random pipeline (random weights, built offline) and {said}, "
+                    f"a {cfg.steps}-step smoke run; --pretrained DIR distils a real teacher",
+                    flush=True,
+                )
             with sana_io.quiet_loading():
                 folder = sana_tiny.cached_folder(cfg.cache_dir) if cfg.tiny else cfg.pretrained
                 self.parts = sana.load_sana(folder, cfg.device, frozen_dtype(cfg))

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import torch
 
 import checkpoint
+import sana_io
 
 
 class UsageError(ValueError):
@@ -72,7 +73,7 @@ class Config:
     # difference (fd) for networks forward AD cannot pass through
     fd_eps: float = 1e-3  # step of the finite-difference tangent (its error is O(fd_eps²))
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast around network passes; master
-    # weights and optimiser stay fp32
+    # weights and optimiser stay fp32 (on CUDA, fp32 matmuls and convolutions run in TF32)
     n_eval: int = 2000  # samples per evaluated sampler
     eval_teacher_steps: int = 16  # teacher@N: flow-Euler steps on the reference route, with CFG
     t_mid: float = 0.6  # middle time of 2-step sampling (digits: 0.6 best of 0.6–1.4; TBCM: 1.0)
@@ -88,13 +89,15 @@ class Config:
     cache_dir: str = "runs"  # toy teachers, metric classifiers and tiny pipelines are cached here
     teacher_steps: int = 0  # toy teachers: flow-matching steps (0: toy_teacher.TEACHERS)
     data_dir: str = ""  # cifar10: the folder cifar-10-batches-py (nothing is downloaded)
-    pretrained: str = ""  # sana: a local diffusers folder in SanaPipeline layout
+    pretrained: str = ""  # sana: a local diffusers folder in SanaPipeline layout (without it:
+    # the tiny random pipeline, as --tiny)
     prompts_file: str = ""  # sana: UTF-8 text, one prompt per line (--tiny: 4 built-in prompts)
     images: str = ""  # sana --method scm: images with same-name .txt captions
-    tiny: bool = False  # sana: a tiny random pipeline, built offline, instead of --pretrained
+    tiny: bool = False  # sana: a tiny random pipeline with random weights, built offline, for
+    # smoke runs; what --backbone sana without --pretrained runs
     resolution: int = 64  # sana: image side in pixels
     grad_checkpointing: bool = False  # sana: recompute activations in the gradient pass (the JVP
-    # runs under no_grad, where diffusers skips checkpointing)
+    # runs under no_grad, where diffusers skips checkpointing; --no-grad-checkpointing: off)
     max_sequence_length: int = 0  # sana: text tokens per prompt (0: 300 as SanaPipeline; --tiny 16)
     plain_prompts: bool = False  # sana: encode prompts without the complex human instruction
     # prefix that SanaPipeline, SanaSprintPipeline and the TBCM code put before every prompt
@@ -118,6 +121,7 @@ class Config:
 
 
 TOY2D, SMALL = "ours: chosen on toy2d", "ours: a CPU-sized run"
+OWN = "the teacher's own"  # sana's --resolution, read from --pretrained's configs (sana_case)
 PRESETS: dict[str, dict[str, tuple[Any, str]]] = {  # field → (value, where it comes from)
     "toy2d": {
         "N": (8, TOY2D),
@@ -165,6 +169,20 @@ PRESETS: dict[str, dict[str, tuple[Any, str]]] = {  # field → (value, where it
         "ema_decay": (0.0, "TBCM code: no EMA"),
         "eval_batch": (4, "ours: memory"),
         "threads": (0, "torch's default"),
+        "resolution": (OWN, "sample_size × DC-AE scale, as SanaPipeline; Sana-Sprint 0.6B: 1024"),
+        "grad_checkpointing": (True, "TBCM code"),
+    },
+}
+# sana's preset by case, over PRESETS["sana"] (a flag still wins): on CUDA, the official bf16;
+# the tiny pipeline (--tiny, or no --pretrained) at its own size, a smoke run.
+SANA_CASES: dict[str, dict[str, tuple[Any, str]]] = {
+    "--device cuda": {
+        "precision": ("bf16", "TBCM code: bf16 mixed precision"),
+        "frozen_precision": ("bf16", "the released teacher's and Gemma-2's dtype"),
+    },
+    "--tiny": {
+        "resolution": (64, "the tiny pipeline's own: 8 × 8 latents, DC-AE f8"),
+        "steps": (20, "ours: a smoke run of the tiny pipeline, seconds on a CPU"),
     },
 }
 
@@ -265,17 +283,20 @@ def parser() -> Parser:
         "(the paper's Alg. 1) or the sCM baseline."
     )
     hints, helps = typing.get_type_hints(Config), field_help()
+    cases = [(f"sana {case}", pr) for case, pr in SANA_CASES.items()]
     for f in fields(Config):
         kind, name = hints[f.name], flag(f.name)
         presets = [
             f"{b}: {show(v[0])} ({v[1]})"
-            for b, pr in PRESETS.items()
-            if (v := pr.get(f.name)) and v[0] != f.default
+            for b, pr in [*PRESETS.items(), *cases]
+            if (v := pr.get(f.name)) and (v[0] != f.default or b.startswith("sana "))
         ]
         text = "; ".join([f"{helps[f.name]} (default: {show(f.default)}", *presets]) + ")"
         text = text.replace("%", "%%")
-        if kind is bool:
-            p.add_argument(name, action="store_true", default=None, help=text)
+        if kind is bool:  # --no-<flag> where a preset turns it on
+            on = any(pr.get(f.name, (False,))[0] for pr in PRESETS.values())
+            action = argparse.BooleanOptionalAction if on else "store_true"
+            p.add_argument(name, action=action, default=None, help=text)
         elif typing.get_origin(kind) is Literal:
             p.add_argument(name, choices=typing.get_args(kind), default=None, help=text)
         elif typing.get_origin(kind) is tuple:
@@ -291,9 +312,28 @@ def parse_args(argv: list[str] | None = None) -> Config:
     given = {k: v for k, v in vars(parser().parse_args(argv)).items() if v is not None}
     if given.get("bank"):
         given = from_bank(given)
-    preset = PRESETS.get(given.get("backbone", Config.backbone), {})
-    cfg = Config(**{k: v for k, (v, _) in preset.items()} | given)
+    backbone = given.get("backbone", Config.backbone)
+    preset = values(PRESETS.get(backbone, {}))
+    preset |= sana_case(given) if backbone == "sana" else {}
+    cfg = Config(**preset | given)
     return cfg if cfg.out else dataclasses.replace(cfg, out=f"runs/{cfg.backbone}-{cfg.method}")
+
+
+def sana_case(given: dict) -> dict:
+    """PRESETS["sana"]'s values that depend on the flags (SANA_CASES): the tiny pipeline without
+    --pretrained; else the teacher's own resolution from its configs (if unreadable, the default:
+    sana_io.check_input then names what is wrong); bf16 on CUDA."""
+    if given.get("tiny") or not given.get("pretrained"):
+        case = {"tiny": True} | values(SANA_CASES["--tiny"])
+    else:
+        case = {"resolution": sana_io.own_resolution(given["pretrained"]) or Config.resolution}
+    cuda = given.get("device", Config.device).startswith("cuda")
+    return case | (values(SANA_CASES["--device cuda"]) if cuda else {})
+
+
+def values(preset: dict[str, tuple[Any, str]]) -> dict[str, Any]:
+    """A preset's values without their sources."""
+    return {k: v for k, (v, _) in preset.items()}
 
 
 def read_bank_manifest(bank: str | Path) -> dict:

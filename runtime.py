@@ -1,4 +1,5 @@
-"""Plumbing that is not in the paper: precision, EMA, threads, data parallel, Ctrl-C, peak memory.
+"""Plumbing that is not in the paper: precision (bf16 autocast, TF32 on CUDA), EMA, threads, data
+parallel, Ctrl-C, peak memory.
 
 Every function takes plain values (a device string, a decay), never the run's `Config`, so that any
 file may use them. Data parallel is an explicit gradient all-reduce, not `DistributedDataParallel`:
@@ -18,9 +19,34 @@ import torch.distributed as dist
 
 
 def autocast(device: str, precision: str):
-    """bf16 autocast around network passes if precision is "bf16"; weights, optimiser stay fp32."""
+    """The precision of network passes: bf16 autocast if precision is "bf16" (weights, optimiser
+    stay fp32), and on CUDA fp32 matmuls and convolutions in TF32 (`allow_tf32`)."""
+    allow_tf32(device)
     device_type = torch.device(device).type
     return torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def tf32_allowed(device: str) -> bool:
+    """TF32 (torch's "high" fp32 matmul precision) is allowed on CUDA devices only."""
+    return torch.device(device).type == "cuda"
+
+
+def allow_tf32(device: str) -> None:
+    """TF32 for fp32 matmuls and cuDNN convolutions if `tf32_allowed(device)`; else untouched."""
+    if tf32_allowed(device):
+        torch.set_float32_matmul_precision("high")  # torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = True
+
+
+@contextmanager
+def ieee_fp32() -> Iterator[None]:
+    """fp32 matmuls in full IEEE precision inside (no TF32); the setting outside is restored."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def set_threads(n: int) -> None:

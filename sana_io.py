@@ -1,7 +1,10 @@
 """Sana user input, where bad input becomes a one-line SanaInputError naming the flag as the command
-line spells it: the SanaPipeline folder, the prompts file, images with same-name captions, image
-loading (Sana-Sprint preprocessing), quiet loading of diffusers / transformers folders."""
+line spells it: the SanaPipeline folder and what its config JSONs say (the teacher's own resolution,
+Sana-Sprint's time feed), the prompts file, images with same-name captions, image loading
+(Sana-Sprint preprocessing), quiet loading of diffusers / transformers folders."""
 
+import json
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,6 +41,48 @@ def check_folder(folder: str | Path) -> Path:
     if missing:
         raise SanaInputError(f"{folder}: missing {' '.join(missing)}; {LAYOUT}")
     return folder
+
+
+def config_json(folder: str | Path, sub: str) -> dict | None:
+    """`folder/sub/config.json` (scheduler: scheduler_config.json) as a dict, None if unreadable;
+    read without loading any weights."""
+    name = "scheduler_config.json" if sub == "scheduler" else "config.json"
+    try:
+        return json.loads((Path(folder) / sub / name).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def own_resolution(folder: str | Path) -> int | None:
+    """SanaPipeline's default image side: transformer sample_size × vae_scale_factor, which
+    diffusers sets to 2^(len(vae.config.encoder_block_out_channels) − 1); absent keys take the
+    classes' defaults (sample_size 32; AutoencoderDC's 6 stages). None if a config is unreadable."""
+    tr, vae = config_json(folder, "transformer"), config_json(folder, "vae")
+    if tr is None or vae is None:
+        return None
+    stages = len(vae.get("encoder_block_out_channels", (128, 256, 512, 512, 1024, 1024)))
+    return int(tr.get("sample_size", 32)) * 2 ** (stages - 1)
+
+
+def check_sprint_teacher(folder: str | Path) -> None:
+    """Sana-Sprint's time feed, read from the configs before anything loads: SanaPipeline feeds
+    num_train_timesteps × timestep_scale × s, which must be s (sana.make_student refuses it too)."""
+    tr, sched = config_json(folder, "transformer"), config_json(folder, "scheduler") or {}
+    if tr is None:
+        raise SanaInputError(f"{folder}: no readable transformer/config.json; {LAYOUT}")
+    n, ts = sched.get("num_train_timesteps", 1000), tr.get("timestep_scale", 1.0)
+    if not math.isclose(n * ts, 1.0):
+        raise SanaInputError(
+            f"--pretrained {folder}: its transformer sees timestep {n * ts:g}·s (timestep_scale "
+            f"{ts:g} × {n} train timesteps), a stock Sana; TBCM starts from a Sana-Sprint teacher, "
+            "which sees s itself (its dense time embedding keeps the JVP stable): fetch "
+            f"{TEACHER_REPO} beforehand (`huggingface-cli download {TEACHER_REPO} --local-dir DIR`)"
+        )
+    if tr.get("guidance_embeds"):
+        raise SanaInputError(
+            f"--pretrained {folder}: the transformer has a guidance embedding (a distilled "
+            f"student?); start from the teacher's SanaPipeline folder, e.g. {TEACHER_REPO}"
+        )
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -123,8 +168,8 @@ def check_input(cfg: Any) -> tuple[list[str], list[Path], list[str]]:
     method, images, prompts_file) → (prompts, image paths, captions); nothing is loaded."""
     if bool(cfg.pretrained) == bool(cfg.tiny):
         raise SanaInputError(
-            "--backbone sana needs exactly one of --pretrained DIR (a local "
-            "SanaPipeline folder) or --tiny (a tiny random pipeline)"
+            "--backbone sana takes one of --pretrained DIR (a local SanaPipeline folder) or "
+            "--tiny (a tiny random pipeline, which is what no --pretrained means), not both"
         )
     if cfg.resolution <= 0 or cfg.resolution % 32:  # SanaSprintPipeline.check_inputs
         raise SanaInputError(f"--resolution {cfg.resolution}: must be a positive multiple of 32")
@@ -147,8 +192,9 @@ def check_input(cfg: Any) -> tuple[list[str], list[Path], list[str]]:
         raise SanaInputError(
             "--backbone sana needs --prompts-file F (UTF-8 text, one prompt per line)"
         )
-    if cfg.pretrained:
-        check_folder(cfg.pretrained)  # SanaInputError, message as it is
+    if cfg.pretrained:  # SanaInputError, message as it is; before Gemma or the DC-AE load
+        check_folder(cfg.pretrained)
+        check_sprint_teacher(cfg.pretrained)
     try:
         paths, captions = image_folder(cfg.images) if cfg.images else ([], [])
     except ValueError as e:  # SanaInputError included

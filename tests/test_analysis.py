@@ -256,7 +256,7 @@ def test_predicted_x0_script(tmp_path, cache, backbone):
     "argv",
     [
         ["--backbone", "nope"],
-        ["--backbone", "sana"],
+        ["--backbone", "sana", "--resolution", "48"],
         ["--tiny"],
         ["--backbone", "sana", "--pretrained", "/nowhere/sana"],
         ["--n", "1"],

@@ -299,7 +299,6 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, files, tmp_pat
 @pytest.mark.parametrize(
     "args",
     [
-        [],  # neither --tiny nor --pretrained
         ["--tiny", "--pretrained", "somewhere"],
         ["--tiny", "--method", "scm"],  # no --images
         ["--tiny", "--method", "scm", "--images", "/nonexistent/images"],
@@ -363,7 +362,7 @@ def test_gradient_checkpointing_changes_nothing(files, tmp_path):
     """--grad-checkpointing recomputes activations in the gradient pass only: the same student after
     2 steps."""
     a, b = tmp_path / "a", tmp_path / "b"
-    assert run(["--steps", "2", "--out", str(a)], files, tmp_path) == 0
+    assert run(["--steps", "2", "--out", str(a), "--no-grad-checkpointing"], files, tmp_path) == 0
     assert run(["--steps", "2", "--out", str(b), "--grad-checkpointing"], files, tmp_path) == 0
     ta = load_file(a / "checkpoints" / "step-0000002" / "tensors.safetensors")
     tb = load_file(b / "checkpoints" / "step-0000002" / "tensors.safetensors")
