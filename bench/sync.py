@@ -2,7 +2,7 @@
 stall on a GPU), counted on CPU by `HostReads`, and the toy steps/s of train.py at a commit whose
 step syncs (`--before`) and at one whose step reads once (`--after`), measured in one run, runs
 interleaved, the final tensors compared bit for bit. Writes bench/results/sync_digits.{json,md}.
-    python bench/sync.py   # digits: the default run's first 300 steps, 3 runs each; ~6 min, 2 cores
+    python bench/sync.py   # digits: the default run's first 300 steps, 5 runs each; ~4 min, 2 cores
 """
 
 import argparse
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--before", default=BEFORE, help=f"the commit before (default: {BEFORE})")
     p.add_argument("--after", default="HEAD", help="the commit after (default: HEAD)")
     p.add_argument("--steps", type=int, default=300, help="steps per timed run (default: 300)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per commit (default: 3)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per commit (default: 5)")
     p.add_argument("--count-steps", type=int, default=30, help="steps counted (default: 30)")
     p.add_argument("--runs", default="runs/bench/sync", help="runs (default: runs/bench/sync)")
     p.add_argument("--results", default="bench/results", help="the folder of sync_digits.{json,md}")
@@ -204,7 +204,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = json.loads((run / "config.json").read_text())
         res[f"reads_{name}"] = reads_by_kind(json.loads(out.read_text())["steps"], cfg)
     res["steps_per_s"] = {n: statistics.median(v) for n, v in rate.items()} | {"runs": rate}
-    res["ratio_after_over_before"] = res["steps_per_s"]["after"] / res["steps_per_s"]["before"]
+    # the ratio of each pair of runs, side by side in time: what load the CPU's other jobs put on
+    # it, both runs of a pair share most of
+    res["paired_ratios"] = [a / b for a, b in zip(rate["after"], rate["before"], strict=True)]
+    res["ratio_after_over_before"] = statistics.median(res["paired_ratios"])
     out = ROOT / a.results
     out.mkdir(parents=True, exist_ok=True)
     (out / "sync_digits.json").write_text(json.dumps(res, indent=1))
@@ -224,15 +227,21 @@ def markdown(res: dict) -> str:
     lines.append(
         f"| steps/s (median of {res['repeats']}) | {sps['before']:.2f} | {sps['after']:.2f} |"
     )
-    lines += ["", f"steps/s after/before: {res['ratio_after_over_before']:.3f}"]
+    lo, hi = min(res["paired_ratios"]), max(res["paired_ratios"])
+    lines.append("")
+    lines.append(
+        f"steps/s after/before: {res['ratio_after_over_before']:.3f} (median of {res['repeats']} "
+        f"pairs of runs, {lo:.3f}–{hi:.3f})"
+    )
     lines.append(f"final tensors bit for bit equal: {res['final_tensors_bitwise_equal']}")
-    for name, r in (("before", b), ("after", a)):
-        for k, v in r.items():
-            where = ", ".join(f"{site} ×{n}" for site, n in v["sites"].items())
-            lines.append(f"{name}, {k} step: {where or 'none'}")
     lines.append(
         f"before {res['before_commit'][:7]}, after {res['after_commit'][:7]}: {res['command']}"
     )
+    lines += ["", "Where the reads are (the first step of each kind, file:line of that commit):"]
+    for name, r in (("before", b), ("after", a)):
+        for k in ("plain", "log", "draw"):
+            where = ", ".join(f"{site} ×{n}" for site, n in r.get(k, {}).get("sites", {}).items())
+            lines.append(f"- {name}, {k} step: {where or 'none'}")
     return "\n".join(lines) + "\n"
 
 
