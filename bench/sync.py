@@ -6,6 +6,7 @@ interleaved, the final tensors compared bit for bit. Writes bench/results/sync_d
 """
 
 import argparse
+import io
 import json
 import os
 import runpy
@@ -129,8 +130,7 @@ def checkout(rev: str, into: Path) -> tuple[Path, str]:
     sha, tar = git("rev-parse", "--verify", f"{rev}^{{commit}}"), git("archive", rev)
     if sha.returncode or tar.returncode:
         sys.exit(f"error: no commit {rev} in {ROOT}")
-    (into / "tree.tar").write_bytes(tar.stdout)
-    with tarfile.open(into / "tree.tar") as f:
+    with tarfile.open(fileobj=io.BytesIO(tar.stdout)) as f:
         f.extractall(into / "tree", filter="data")
     return into / "tree", sha.stdout.decode().strip()
 
@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.count_in:
         count_worker(Path(a.count_in), Path(a.count_out), flags)
         return 0
-    runs, py, tmp = ROOT / a.runs, sys.executable, Path(tempfile.mkdtemp(prefix="bench-sync-"))
+    held = tempfile.TemporaryDirectory(prefix="bench-sync-")  # removed when main returns
+    runs, py, tmp = ROOT / a.runs, sys.executable, Path(held.name)
     runs.mkdir(parents=True, exist_ok=True)
     common = ["--overwrite", "--cache-dir", str(ROOT / "runs")]  # one teacher for both
     trees, res = {}, {"steps": a.steps, "repeats": a.repeats}
