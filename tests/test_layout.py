@@ -22,14 +22,14 @@ BY_FLOOR = {
     1: "trajectory loss sampler config toy_teacher sana sana_tiny",
     2: "pairs metrics lora",
     3: "backbones",
-    4: "bank",
+    4: "bank monitor",
     5: "train evaluate analysis/common",
     6: "analysis/readings analysis/predicted_x0 analysis/sampling_schemes analysis/pair_sources "
     "bench/bank_storage bench/quality_report bench/cost_step bench/cost_report bench/sync",
     # a variant's process; paper-sana's parts composed; Eq. 8's readings drawn
     7: "bench/cost_worker bench/cost_compose bench/quality analysis/equivalent_noise analysis/tsne",
     8: "bench/cost bench/cost_stages",  # the cost bench's driver; paper-sana's stages
-    9: "bench/cost_paper",  # one paper-sana part in its own process
+    9: "bench/cost_paper bench/gpu_check",  # one paper-sana part in its own process; the GPU check
 }
 FLOORS = {m: floor for floor, names in BY_FLOOR.items() for m in names.split()}
 
