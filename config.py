@@ -79,6 +79,10 @@ class Config:
     t_mid: float = 0.6  # middle time of 2-step sampling (digits: 0.6 best of 0.6–1.4; TBCM: 1.0)
     eval_batch: int = 2000  # samples per sampler call at evaluation
     log_every: int = 25  # steps between lines of log.jsonl
+    sample_every: int = 0  # steps between grids of the evaluated student's 1- and 2-step samples
+    # on fixed prompts and noise, samples/step-NNNNNNN.png (0: none)
+    tensorboard: bool = False  # log.jsonl's statistics, lr and the sample grids to TensorBoard in
+    # tb/ (needs the tensorboard package)
     ckpt_every: int = 500  # steps between checkpoints (and one at the end)
     max_bad_steps: int = 20  # NaN/Inf steps in a row before the run stops (exit 1)
     seed: int = 0  # seed of every random stream (pairs, initialisation, evaluation noise)
@@ -373,7 +377,7 @@ RANGES = {  # field → the range its value (each value of a tuple) must lie in,
         ">= 1": "prompts K pool_steps steps eval_teacher_steps eval_batch log_every ckpt_every "
         "max_bad_steps resolution vae_batch lora_rank",
         ">= 0": "cfg_scales eval_w guidance_scale H S_r T_r teacher_steps threads "
-        "max_sequence_length lora_alpha lora_lr",
+        "max_sequence_length lora_alpha lora_lr sample_every",
         "> 0": "shift P_std c sigma_d filter_threshold lr fd_eps",
         "(0, inf]": "grad_clip",  # inf: no clipping (clip_grad_norm_ scales by min(1, inf/‖g‖))
         "finite": "P_mean",

@@ -39,6 +39,7 @@ import report
 from config import Config, UsageError, parse_args, validate
 from loss import LogvarHead, r_schedule, scm_loss
 from metrics import evaluate_samplers
+from monitor import Monitor
 from pairs import PairPool, PairSource, SCMPairs, TBCMPairs
 from runtime import (
     all_reduce_grads,
@@ -116,6 +117,7 @@ def train(cfg: Config, student: nn.Module, source: PairSource, run: Path, rank=0
 
     steps, name = range(st["step"], cfg.steps), f"{cfg.method} {cfg.backbone}"
     bar = tqdm(steps, name, cfg.steps, initial=st["step"], disable=rank > 0 or None)
+    mon = Monitor(cfg, run, rank, ema, source, opt)  # --sample-every, --tensorboard (rank 0)
     t0, log_file = time.perf_counter() - st["wall_s"], run / "log.jsonl"
     with open(log_file, "a") if rank == 0 else nullcontext() as log, sigint_flag() as interrupt:
         for step in bar:
@@ -157,6 +159,7 @@ def train(cfg: Config, student: nn.Module, source: PairSource, run: Path, rank=0
                 log.write(json.dumps(rec | {"wall_s": st["wall_s"]}) + "\n")
                 log.flush()
                 bar.set_postfix(loss=f"{got['loss']:.4f}", r=f"{r:.2f}")
+            mon.step(st["step"], rec if logs else None)
             if st["step"] % cfg.ckpt_every == 0 or interrupt["stop"]:
                 save()
             if interrupt["stop"]:

@@ -57,6 +57,7 @@ OUT_OF_RANGE = dict(
     t_mid="0",
     eval_batch="0",
     log_every="0",
+    sample_every="-1",
     ckpt_every="0",
     max_bad_steps="0",
     seed="-1",
