@@ -6,7 +6,6 @@ nearest their class's mixture mean (toy2d) or classified as their prompt's class
 """
 
 import dataclasses
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from tqdm import tqdm
 
 from checkpoint import config_hash, save_module, seeded_or_cached
 from config import Config
-from runtime import autocast
+from runtime import autocast, clock
 from sampler import consistency_sample, default_times
 from toy import load_data, ring_centers
 from trajectory import reference_route, rollout
@@ -233,14 +232,14 @@ def evaluate_samplers(
                     lambda x, t: F_ema(x, t, ci, wi), zi, times, cfg.sigma_d, gen
                 )
 
-        # warm-up, untimed
+        # warm-up, untimed; the timed region starts and ends with the device idle (CUDA is async)
         sample(z[:2], teacher.cond(prompt[:2]), w[:2], torch.Generator(device=dev))
-        gen, xs, t0 = torch.Generator(device=dev).manual_seed(cfg.seed + 2), [], time.perf_counter()
+        gen, xs, t0 = torch.Generator(device=dev).manual_seed(cfg.seed + 2), [], clock(dev)
         for i in range(0, n, cfg.eval_batch):
             chunk = slice(i, i + cfg.eval_batch)
             cond = teacher.cond(prompt[chunk])
             xs.append(sample(z[chunk], cond, w[chunk], gen).float() / cfg.sigma_d)
-        elapsed, samples = time.perf_counter() - t0, torch.cat(xs)  # FM units (data space)
+        elapsed, samples = clock(dev) - t0, torch.cat(xs)  # FM units (data space)
         ref = samples if times is None else ref  # teacher@N comes first: the paired reference
         n_shown = 2000 if samples.dim() == 2 else min(n, 2 * len(teacher.prompt_names))
         shown[name] = teacher.to_images(samples[:n_shown]).cpu()

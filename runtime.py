@@ -1,5 +1,5 @@
 """Plumbing that is not in the paper: precision (bf16 autocast, TF32 on CUDA), EMA, threads, data
-parallel, Ctrl-C, peak memory.
+parallel, Ctrl-C, peak memory (the host's RSS; on CUDA the allocator's), device synchronisation.
 
 Every function takes plain values (a device string, a decay), never the run's `Config`, so that any
 file may use them. Data parallel is an explicit gradient all-reduce, not `DistributedDataParallel`:
@@ -11,6 +11,7 @@ import os
 import resource
 import signal
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
@@ -145,3 +146,53 @@ def rss_mb() -> float:
     """Current resident memory of this process in MB (Linux /proc)."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+# what a run reports of a CUDA device's memory, per rank: the caching allocator's peaks in MB
+CUDA_MEMORY = ("max_memory_allocated_mb", "max_memory_reserved_mb")
+
+
+def device_memory_keys(device: str) -> tuple[str, ...]:
+    """The device-memory readings a run on `device` reports beside the host's peak RSS: CUDA_MEMORY
+    on a CUDA device, none on a CPU (its memory is the RSS)."""
+    return CUDA_MEMORY if torch.device(device).type == "cuda" else ()
+
+
+def device_memory_mb(device: str, world: int | None = None) -> dict:
+    """device_memory_keys(device) read now: torch.cuda.max_memory_allocated / max_memory_reserved
+    in MB, peaks since the process began (or the last reset_peak_memory_stats); {} on a CPU. The
+    allocator keeps them on the host as kernels are queued: reading them waits for nothing. With
+    `world`, every rank's, as lists by rank (by_rank: every rank calls it)."""
+    if not device_memory_keys(device):
+        return {}
+    dev = torch.device(device)
+    allocated, reserved = torch.cuda.max_memory_allocated(dev), torch.cuda.max_memory_reserved(dev)
+    peaks = dict(zip(CUDA_MEMORY, (allocated / 2**20, reserved / 2**20), strict=True))
+    return peaks if world is None else by_rank(peaks, device, world)
+
+
+def by_rank(values: dict[str, float], device: str, world: int) -> dict[str, list[float]]:
+    """Each rank's `values` (the same keys on every rank), as lists indexed by rank: one all_gather
+    of a small tensor, which every rank must join (nothing on a CPU, where values is {})."""
+    if world == 1 or not values:
+        return {k: [v] for k, v in values.items()}
+    mine = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    every = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine)
+    rows = torch.stack(every).tolist()  # [world, len(values)]
+    return {k: [row[i] for row in rows] for i, k in enumerate(values)}
+
+
+def synchronize(device: str | torch.device) -> None:
+    """Wait for the kernels queued on a CUDA device (torch.cuda.synchronize), so that a timer read
+    next sees them done; nothing on a CPU, whose work is done when the call returns."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def clock(device: str | torch.device) -> float:
+    """time.perf_counter() once `device` has run what was queued (synchronize): the reading to
+    start and end a timed region with."""
+    synchronize(device)
+    return time.perf_counter()

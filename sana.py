@@ -61,21 +61,22 @@ def malformed(folder: Path) -> Iterator[None]:
         raise SanaInputError(f"{folder}: cannot load ({reason}); {LAYOUT}") from e
 
 
-def load_sana(folder: str | Path, device: torch.device | str, dtype: torch.dtype) -> SanaParts:
-    """diffusers SanaPipeline folder → SanaParts (transformer, text encoder in dtype; VAE fp32)."""
+def load_sana(
+    folder: str | Path, device: torch.device | str, dtype: torch.dtype, own_memory: bool = False
+) -> SanaParts:
+    """diffusers SanaPipeline folder → SanaParts (transformer, text encoder in dtype; VAE fp32).
+    own_memory: files read, not mapped, and every weight copied (hold_in_memory), for a bench that
+    measures the RSS (bench/cost_paper.py on a CPU); off, diffusers' loading as it is."""
     folder = check_folder(folder)
     from diffusers import SanaPipeline  # after the layout check: a bad path fails at once
 
     # The DC-AE stays in float32, as Sana's own training code keeps it.
     dtypes = {"transformer": dtype, "text_encoder": dtype, "default": torch.float32}
     with malformed(folder):
-        kw = dict(dtype=dtypes, local_files_only=True, disable_mmap=True)  # diffusers: read
+        kw = dict(dtype=dtypes, local_files_only=True, disable_mmap=own_memory)  # False: maps
         pipe = SanaPipeline.from_pretrained(folder, **kw)
-    # Weights in memory of their own, not pages of a mapped file (transformers maps Gemma's), so
-    # that RSS counts them from the start, as device memory would.
-    for m in (pipe.transformer, pipe.text_encoder, pipe.vae):
-        for t in (*m.parameters(), *m.buffers()):
-            t.data = t.data.clone()
+    if own_memory:
+        hold_in_memory(pipe.transformer, pipe.text_encoder, pipe.vae)
     gc.collect()  # the loaders' reference cycles hold their read buffers (1.1 GB at full size)
     # SanaPipeline feeds scheduler timesteps (num_train_timesteps·s) × config.timestep_scale.
     n_train = pipe.scheduler.config.get("num_train_timesteps", 1000)
@@ -90,6 +91,16 @@ def load_sana(folder: str | Path, device: torch.device | str, dtype: torch.dtype
     )
 
 
+def hold_in_memory(*modules: torch.nn.Module) -> None:
+    """Every weight of modules in memory of its own, not pages of a mapped file (transformers maps
+    Gemma's even when diffusers reads), so that RSS counts them from the start, as device memory
+    would."""
+    for m in modules:
+        for t in (*m.parameters(), *m.buffers()):
+            t.data = t.data.clone()
+    gc.collect()  # the mapped files' last references
+
+
 def load_transformer(
     folder: str | Path, device: torch.device | str, dtype: torch.dtype
 ) -> tuple[Any, float]:
@@ -100,7 +111,7 @@ def load_transformer(
 
     folder = check_folder(folder)
     with malformed(folder):
-        kw = dict(dtype=dtype, local_files_only=True, disable_mmap=True)  # read, as load_sana
+        kw = dict(dtype=dtype, local_files_only=True, disable_mmap=True)  # read, not mapped (RSS)
         tr = SanaTransformer2DModel.from_pretrained(folder / "transformer", **kw)
         sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     scale = float(sched.get("num_train_timesteps", 1000) * tr.config.timestep_scale)

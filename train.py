@@ -44,6 +44,8 @@ from pairs import PairPool, PairSource, SCMPairs, TBCMPairs
 from runtime import (
     all_reduce_grads,
     autocast,
+    clock,
+    device_memory_mb,
     dist_init,
     ema_of,
     ema_update,
@@ -108,7 +110,8 @@ def train(cfg: Config, student: nn.Module, source: PairSource, run: Path, rank=0
     pool = PairPool(source, cfg, slots, rank, st["pool"], st["pool_pos"])
 
     def save() -> None:
-        st.update(pool=pool.pool, pool_pos=pool.pos)
+        t = time.perf_counter()  # the wall time counts the step's kernels still on the device
+        st.update(pool=pool.pool, pool_pos=pool.pos, wall_s=st["wall_s"] + clock(cfg.device) - t)
         if rank == 0:
             tensors, opt_meta = checkpoint.pack_state(modules, opt)
             state = {"train": st, "optimizer": opt_meta, "config": dataclasses.asdict(cfg)}
@@ -118,7 +121,7 @@ def train(cfg: Config, student: nn.Module, source: PairSource, run: Path, rank=0
     steps, name = range(st["step"], cfg.steps), f"{cfg.method} {cfg.backbone}"
     bar = tqdm(steps, name, cfg.steps, initial=st["step"], disable=rank > 0 or None)
     mon = Monitor(cfg, run, rank, ema, source, opt)  # --sample-every, --tensorboard (rank 0)
-    t0, log_file = time.perf_counter() - st["wall_s"], run / "log.jsonl"
+    t0, log_file = clock(cfg.device) - st["wall_s"], run / "log.jsonl"
     with open(log_file, "a") if rank == 0 else nullcontext() as log, sigint_flag() as interrupt:
         for step in bar:
             opt.zero_grad(set_to_none=True)  # the last gradient is not kept through the pairs
@@ -156,7 +159,8 @@ def train(cfg: Config, student: nn.Module, source: PairSource, run: Path, rank=0
             st.update(kept_sum=st["kept_sum"] + got["kept"], wall_s=time.perf_counter() - t0)
             if logs:
                 rec = {"step": step, **{k: got[k] for k in stats}, "grad_norm": got["grad_norm"]}
-                log.write(json.dumps(rec | {"wall_s": st["wall_s"]}) + "\n")
+                rec |= {"wall_s": st["wall_s"]} | device_memory_mb(cfg.device)  # CUDA: rank 0's
+                log.write(json.dumps(rec) + "\n")
                 log.flush()
                 bar.set_postfix(loss=f"{got['loss']:.4f}", r=f"{r:.2f}")
             mon.step(st["step"], rec if logs else None)
@@ -222,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     except (RunError, UsageError) as e:  # UsageError: a bank shard found corrupted mid-run
         print(f"error: {e}", file=sys.stderr)
         return 1 if isinstance(e, RunError) else 2
+    mem = device_memory_mb(cfg.device, world)  # CUDA: each rank's peaks (every rank gathers)
     if rank > 0:
         return 0
     teacher = teacher or backbones.build(cfg)  # from a bank: the teacher only now, for evaluation
@@ -232,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         steps=st["step"], wall_s=wall, peak_rss_mb=peak_rss_mb(), pairs_per_s=st["pairs"] / wall
     )
     trained |= dict(filtered_fraction=1 - kept, nan_skipped=st["nan_skipped"], processes=world)
-    metrics = {"backbone": cfg.backbone, "method": cfg.method, "train": trained, "eval": ev}
+    metrics = {"backbone": cfg.backbone, "method": cfg.method, "train": trained | mem, "eval": ev}
     checkpoint.write_json(run / "metrics.json", metrics)
     report.samples_png(run / "samples.png", shown, teacher.prompt_names)
     report.training_png(run / "training.png", run / "log.jsonl")

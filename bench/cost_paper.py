@@ -6,7 +6,8 @@ zero gradients); stage-<name>[-<px>]: one stage of the training step at two batc
 memory rise above what was alive at entry and its time; direct-<variant>-512: a whole training
 step (cost_step.train_steps) with the peak reset after the models are built (-vae8: sCM's
 DC-AE 8 images per call, 8 pairs per step, two steps: the second meets AdamW's state).
-Memory: the RSS on a CPU (peak: VmHWM, reset through /proc/self/clear_refs), the allocator on CUDA.
+Memory: the RSS on a CPU (peak: VmHWM, reset through /proc/self/clear_refs; the weights in memory
+of their own: sana.hold_in_memory), the allocator on CUDA (and its peaks over the part).
     python bench/cost_paper.py --part stage-jvp-512 --folder DIR --work DIR
 """
 
@@ -41,7 +42,7 @@ def resident(cfg: Config, meter: Meter) -> dict:
     """The variant's models (what cost_step.build holds), then the student's
     gradient and AdamW state after one step on zero gradients."""
     floor = meter.now()
-    student, source = build(cfg, Stages(cfg.device))
+    student, source = build(cfg, Stages(cfg.device), own_memory=not meter.cuda)
     teacher = getattr(source, "teacher", None)
     frozen = {}
     if teacher is not None:  # a LoRA student's teacher is the student (parts.transformer None)
@@ -76,13 +77,14 @@ def direct(cfg: Config, meter: Meter, steps: int = 1) -> dict:
     stage before the backward pass (sCM's DC-AE) meets that state only from the second step."""
     floor, stages = meter.now(), Stages(cfg.device)
     try:
-        student, source = build(cfg, stages)
+        student, source = build(cfg, stages, own_memory=not meter.cuda)
         loaded = meter.now()
         meter.reset_peak()
         t = time.perf_counter()
         train_steps(cfg, student, source, stages, steps=steps, warmup=0)
         step_s, peak = (time.perf_counter() - t) / steps, meter.peak()
         peak = max(peak, stages.cuda_peak) if meter.cuda else peak  # Stages resets CUDA's peak
+        meter.cuda_peak = max(meter.cuda_peak, stages.cuda_peak)  # for meter.device_peaks
     finally:
         stages.close()
     pairs = cfg.prompts * cfg.K * (cfg.N - 1)
@@ -123,7 +125,7 @@ def run_part(part: str, folder: str, work: Path, device: str, precision: str) ->
     else:
         raise UsageError(f"--part {part}: one of {', '.join(PARTS)}")
     info = dict(part=part, resolution=res, device=device, precision=precision)
-    return info | dict(threads=torch.get_num_threads()) | out
+    return info | dict(threads=torch.get_num_threads()) | out | meter.device_peaks()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """The stages of `bench/cost.py --config paper-sana` (cost_paper.py runs each in its own process):
 one stage of the training step at two batch sizes, prepared outside the measurement, its time and
 its memory rise above what was alive at entry: the RSS on a CPU (peak: VmHWM, reset through
-/proc/self/clear_refs), the allocator on CUDA.
+/proc/self/clear_refs; weights loaded into memory of their own), the allocator on CUDA.
 """
 
 import json
@@ -21,22 +21,23 @@ import sana
 import sana_io
 from config import Config
 from loss import LogvarHead, loss_from_target, scm_target
-from runtime import autocast, peak_rss_mb, rss_mb
+from runtime import autocast, clock, device_memory_mb, peak_rss_mb, rss_mb, synchronize
 from trigflow import TrigFlow
 
 
 class Meter:
-    """Memory in MB: the RSS and its peak on a CPU, the allocator's on CUDA."""
+    """Memory in MB: the RSS and its peak on a CPU, the allocator's on CUDA (`cuda_peak`: the
+    allocated peak across the resets)."""
 
     def __init__(self, device: str):
-        self.cuda = device.startswith("cuda")
+        self.device, self.cuda, self.cuda_peak = device, device.startswith("cuda"), 0.0
 
     def now(self) -> float:
         return torch.cuda.memory_allocated() / 2**20 if self.cuda else rss_mb()
 
     def reset_peak(self) -> None:
         if self.cuda:
-            torch.cuda.synchronize()
+            self.cuda_peak = max(self.cuda_peak, self.peak())
             torch.cuda.reset_peak_memory_stats()
             return
         try:  # Linux ≥ 4.0: "5" resets VmHWM to the current RSS
@@ -46,20 +47,27 @@ class Meter:
 
     def peak(self) -> float:
         if self.cuda:
-            torch.cuda.synchronize()
+            synchronize(self.device)
             return torch.cuda.max_memory_allocated() / 2**20
         return peak_rss_mb()
+
+    def device_peaks(self) -> dict[str, float]:
+        """On CUDA the process's allocator peaks (runtime.device_memory_mb) across the resets: the
+        reserved memory only grows (nothing calls empty_cache), so its peak outlives them; {} on a
+        CPU."""
+        peaks = device_memory_mb(self.device)
+        if peaks:
+            peaks["max_memory_allocated_mb"] = max(self.cuda_peak, self.peak())
+        return peaks
 
     def probe(self, fn: Callable[[], object]) -> dict:
         """fn's wall time, the CPU time of this process (all its threads: on a shared machine
         steadier than the wall time) and its memory rise above what was alive at entry."""
         entry = self.now()
         self.reset_peak()
-        t, cpu = time.perf_counter(), time.process_time()
+        t, cpu = clock(self.device), time.process_time()
         fn()
-        if self.cuda:
-            torch.cuda.synchronize()
-        s, cpu_s = time.perf_counter() - t, time.process_time() - cpu
+        s, cpu_s = clock(self.device) - t, time.process_time() - cpu
         return dict(s=s, cpu_s=cpu_s, dynamic_mb=self.peak() - entry)
 
 
@@ -87,7 +95,7 @@ def stage(name: str, cfg: Config, meter: Meter) -> dict:
         return student_stage(name, cfg, meter)
     dev, res = cfg.device, cfg.resolution
     with sana_io.quiet_loading():
-        parts = sana.load_sana(cfg.pretrained, dev, torch.bfloat16)
+        parts = sana.load_sana(cfg.pretrained, dev, torch.bfloat16, own_memory=not meter.cuda)
     rand, cond, latent = inputs_of(cfg, parts.transformer.config)
     if name == "vae":
         run = lambda b, x: sana.encode_images(parts, x, b)  # noqa: E731

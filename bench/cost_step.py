@@ -33,7 +33,7 @@ from pairs import (
     rollout_inputs,
     seeded,
 )
-from runtime import autocast, ema_of, ema_update, rss_mb
+from runtime import autocast, ema_of, ema_update, rss_mb, synchronize
 from trajectory import forward_pairs, logit_normal_times, rollout
 from trigflow import TrigFlow
 
@@ -49,7 +49,8 @@ class Stages:
     above its level at entry (`cuda_peak`: the peak across those resets). Stages do not nest."""
 
     def __init__(self, device: str):
-        self.cuda, self.active, self.inside = device.startswith("cuda"), False, False
+        self.device, self.cuda = device, device.startswith("cuda")
+        self.active, self.inside = False, False
         self.time: dict[str, float] = defaultdict(float)
         self.mem: dict[str, float] = defaultdict(float)
         self.cuda_peak, self._peak, self._stop = 0.0, 0.0, threading.Event()
@@ -66,8 +67,7 @@ class Stages:
         self._sampler.join()
 
     def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
+        synchronize(self.device)
 
     def mb(self) -> float:
         """Memory now: CUDA's allocated MB, else the RSS."""
@@ -176,12 +176,19 @@ class TimedBank(BankPairs):
             return super().part(pool, part, slots)
 
 
-def build(cfg: Config, stage: Stages) -> tuple[torch.nn.Module, PairSource]:
-    """What train.main builds, the student and the pair source; the source timed by `stage`."""
+def build(
+    cfg: Config, stage: Stages, own_memory: bool = False
+) -> tuple[torch.nn.Module, PairSource]:
+    """What train.main builds, the student and the pair source; the source timed by `stage`.
+    own_memory: a Sana teacher's weights copied into memory of their own (sana.hold_in_memory),
+    for a bench that measures the RSS (bench/cost_paper.py on a CPU)."""
     if cfg.bank:
         source = TimedBank(cfg, stage)
         return source.student(), source
     teacher = backbones.build(cfg)
+    if own_memory and isinstance(teacher, backbones.SanaTeacher):
+        p = teacher.parts
+        sana.hold_in_memory(p.transformer, p.text_encoder, p.vae)
     timed = TimedTBCM if cfg.method == "tbcm" else TimedSCM
     return teacher.student(), timed(cfg, teacher, stage)
 

@@ -9,7 +9,6 @@ Prints one JSON line.
 import json
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import backbones
 import sana
 from config import Config, Parser, UsageError, parse_args, validate
 from loss import jvp_cs_dF_dt
-from runtime import peak_rss_mb, rss_mb, set_threads
+from runtime import clock, device_memory_mb, peak_rss_mb, rss_mb, set_threads
 from sampler import consistency_sample, default_times
 from trajectory import reference_route, rollout
 from trigflow import TrigFlow
@@ -36,9 +35,9 @@ def measure(cfg: Config, steps: int, warmup: int) -> dict:
         import transformers  # noqa: F401
     floor, stages = rss_mb(), Stages(cfg.device)
     try:
-        t0 = time.perf_counter()
+        t0 = clock(cfg.device)
         student, source = build(cfg, stages)
-        load_s, loaded = time.perf_counter() - t0, rss_mb()
+        load_s, loaded = clock(cfg.device) - t0, rss_mb()
         if stages.cuda:
             torch.cuda.reset_peak_memory_stats()
         _, marks = train_steps(cfg, student, source, stages, steps, warmup)
@@ -64,8 +63,9 @@ def measure(cfg: Config, steps: int, warmup: int) -> dict:
             s: dict(s_per_step=v, share=v / step_s, dynamic_mem_mb=dyn[s]) for s, v in t.items()
         },
     )
-    if stages.cuda:
+    if stages.cuda:  # allocated: the peak across Stages' resets; reserved memory only grows
         res["cuda_peak_mb"] = max(stages.cuda_peak, torch.cuda.max_memory_allocated() / 2**20)
+        res["max_memory_reserved_mb"] = device_memory_mb(cfg.device)["max_memory_reserved_mb"]
     return res
 
 
@@ -74,16 +74,13 @@ def extras(cfg: Config, Ks: tuple[int, ...] = (1, 2, 4, 8)) -> dict:
     student's sampling throughput against teacher@N with CFG (2N network evaluations)."""
     teacher, sd, dev = backbones.build(cfg), cfg.sigma_d, cfg.device
     F_theta = TrigFlow(teacher.student(), guidance_scale=cfg.guidance_scale)
-    sync = torch.cuda.synchronize if dev.startswith("cuda") else (lambda: None)
 
     def median_s(fn: Callable, reps: int = 3, warm: bool = True) -> float:
         ts = []
         for i in range(-int(warm), reps):  # i = −1: the warm-up call
-            sync()
-            t = time.perf_counter()
+            t = clock(dev)
             fn()
-            sync()
-            ts += [time.perf_counter() - t] if i >= 0 else []
+            ts += [clock(dev) - t] if i >= 0 else []
         return statistics.median(ts)
 
     res, per_traj = {}, cfg.N - 1

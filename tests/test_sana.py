@@ -327,9 +327,9 @@ def test_frozen_bf16_teacher_with_an_fp32_student(tmp_path):
 
 
 def test_load_sana_holds_its_weights_in_memory_of_their_own(tiny, tmp_path):
-    """load_sana copies every weight out of the safetensors files it maps: RSS (and so
+    """load_sana(own_memory=True) copies every weight out of the safetensors files: RSS (and so
     bench/cost.py's memory) counts them from the start, as a device's allocator would."""
     folder = shutil.copytree(tiny, tmp_path / "copy")
-    parts = sana.load_sana(folder, "cpu", torch.bfloat16)
+    parts = sana.load_sana(folder, "cpu", torch.bfloat16, own_memory=True)
     assert str(folder) not in Path("/proc/self/maps").read_text()
     assert parts.transformer.dtype == torch.bfloat16 and parts.vae.dtype == torch.float32
