@@ -84,7 +84,8 @@ def measure(v: str, flags: list[str], where: dict, steps: int, warmup: int) -> d
     for dev, p in zip(where["devices"], procs, strict=True):
         m = finish(p)
         key = "cuda_peak_mb" if "cuda_peak_mb" in m else "peak_above_floor_mb"
-        got[dev] = m if "error" in m else dict(peak_mb=m[key], memory=key, step_s=m["step_s"])
+        read = dict(peak_mb=m.get(key), memory=key, step_s=m.get("step_s"))
+        got[dev] = m if "error" in m else read | dict(reserved_mb=m.get("max_memory_reserved_mb"))
     return got
 
 
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     where = plan(a.tiny, cuda, torch.cuda.device_count() if cuda else 0)
     resolution, work = TINY_RESOLUTION if where["tiny"] else a.resolution, ROOT / a.work
     if where["tiny"]:
-        print(f"gpu_check: the tiny pipeline on CPU ({where['why']}); predictions: {NA}")
+        print(f"gpu_check: the tiny pipeline on CPU ({where['why']})")
     else:
         n = len(where["devices"])
         print(f"gpu_check: the paper-size pipeline on {n} GPUs at {resolution} px")
@@ -206,9 +207,12 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(verdict(v, got, p, clock)), flush=True)
     res["export"] = export_check(flags["tbcm"], where, work, a.steps)
     got = res["export"].get("samples", {}).items()
-    shown = ", ".join(f"{k} step(s) {s['shape']} finite {s['finite']}" for k, s in got)
+    done = {True: "finite", False: "NOT FINITE"}
+    shown = ", ".join(
+        f"{k} step{'s' * (k != '1')} {s['shape']} {done[s['finite']]}" for k, s in got
+    )
     ok = "ok" if res["export"]["ok"] else "FAILED"
-    print(f"student in SanaSprintPipeline: {ok}: {shown or res['export'].get('error')}")
+    print(f"student in SanaSprintPipeline: {ok}; {shown or res['export'].get('error')}")
     ran = all("error" not in m for v in res["variants"].values() for m in v["by_device"].values())
     res["ok"] = ran and res["export"]["ok"] and "error" not in res["bank_build"]
     write_json(ROOT / a.json, res)
