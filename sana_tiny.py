@@ -116,8 +116,30 @@ SIZES = {
         vae=dict(latent_channels=32, attention_head_dim=32, **_DCAE_F32C32),
     ),
 }
+# Sana-Sprint 1.6B's shapes, for bench/cost_shard.py (counted on the meta device): its teacher
+# Sana-1.6B 1024 px (Efficient-Large-Model/Sana_1600M_1024px_MultiLing_diffusers, transformer/
+# config.json: 20 layers × 2240, 70 self-attention heads of 32, 20 cross-attention heads of 112,
+# caption 2304, mlp_ratio 2.5), the same Gemma-2-2B and DC-AE as "paper".
+SIZES["paper-1.6b"] = dict(
+    text=SIZES["paper"]["text"],
+    transformer=dict(
+        in_channels=32,
+        out_channels=32,
+        num_layers=20,
+        num_attention_heads=70,
+        attention_head_dim=32,
+        num_cross_attention_heads=20,
+        cross_attention_head_dim=112,
+        cross_attention_dim=2240,
+        caption_channels=2304,
+        sample_size=32,
+    ),
+    vae=SIZES["paper"]["vae"],
+)
 # Saved dtypes: the released Sana-Sprint teacher and Gemma-2-2B are bf16; the DC-AE stays fp32.
-DTYPES = {"paper": dict(text=torch.bfloat16, transformer=torch.bfloat16)}
+DTYPES = {
+    size: dict(text=torch.bfloat16, transformer=torch.bfloat16) for size in ("paper", "paper-1.6b")
+}
 
 
 @contextmanager
