@@ -14,6 +14,7 @@ from torch import nn
 
 import lora
 import metrics
+import parallel
 import sana
 import sana_io
 import sana_tiny
@@ -239,7 +240,7 @@ def sana_student(tr: Any, timestep_scale: float, cfg: Config) -> nn.Module:
     """The Sana-Sprint student of transformer `tr`, seeded (its guidance MLP's first layer is
     random), with JVP-safe cross-attention, fed s itself as SanaSprintPipeline does."""
     try:
-        with torch.random.fork_rng():
+        with torch.random.fork_rng(devices=parallel.rng_devices(cfg.device)):
             torch.manual_seed(cfg.seed)
             transformer = sana.make_student(tr, timestep_scale)
     except ValueError as e:

@@ -22,11 +22,12 @@ from tqdm import tqdm
 
 import backbones
 import config
+import parallel
 from brightness_filter import black_distance
 from checkpoint import atomic_path, tensors_sha256, weights_sha256, write_json
 from config import Config, Parser, UsageError, flag
 from pairs import Batch, filter_keep, rollout_inputs
-from runtime import autocast, dist_init, rank0_first, set_threads
+from runtime import autocast, rank0_first, set_threads
 from trajectory import rollout
 from trigflow import TrigFlow, guided
 
@@ -238,11 +239,13 @@ def parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    rank, world = dist_init()
+    rank, local_rank, world = parallel.ranks()
     try:
         a, rest = parser().parse_known_args(argv)
         cfg = config.parse_args([*rest, "--out", a.out])
         config.validate(cfg, run_dir=False)
+        # this rank's device (cuda: cuda:LOCAL_RANK), made current; the process group joined
+        cfg = dataclasses.replace(cfg, device=parallel.init(cfg.device, local_rank, world))
         if cfg.method != "tbcm" or cfg.bank:
             drop = f"drop {flag('method')} scm and {flag('bank')}"
             raise UsageError(f"a bank holds TBCM trajectory pairs: {drop}")

@@ -93,6 +93,27 @@ def unpack_state(
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def skipped_note(path: Path) -> str | None:
+    """--resume from checkpoint `path` (`latest`): the line that names the incomplete checkpoint
+    folders after it, skipped; None if there are none."""
+    skipped = [p.name for p in sorted(path.parent.glob("step-*")) if p.name > path.name]
+    if skipped:
+        return f"--resume: skipped incomplete {', '.join(skipped)}; resuming from {path.name}"
+    return None
+
+
+def targets(
+    modules: dict[str, nn.Module], params: list[torch.Tensor], names: dict
+) -> dict[str, torch.Tensor]:
+    """For each `pack_state` name in `names`, the tensor of the state it loads into: a module's
+    own, or for `opt/<p>/<key>` the optimiser's parameter p (its moments have its shape and, under
+    FSDP2, its sharding); a name with no such tensor (the step count) is left out."""
+    own = {f"{n}/{k}": v for n, m in modules.items() for k, v in m.state_dict().items()}
+    index = {k: int(k.split("/")[1]) for k in names if k.startswith("opt/")}
+    opt = {k: params[i] for k, i in index.items() if i < len(params)}
+    return {k: own.get(k, opt.get(k)) for k in names if k in own or k in opt}
+
+
 def save(
     folder: Path, step: int, tensors: dict[str, torch.Tensor], state: dict, keep: int = 2
 ) -> Path:

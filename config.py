@@ -20,6 +20,7 @@ from typing import Any, Literal
 import torch
 
 import checkpoint
+import parallel
 import sana_io
 
 
@@ -87,6 +88,10 @@ class Config:
     max_bad_steps: int = 20  # NaN/Inf steps in a row before the run stops (exit 1)
     seed: int = 0  # seed of every random stream (pairs, initialisation, evaluation noise)
     device: str = "cpu"  # torch device, e.g. cuda (under torchrun each rank takes cuda:LOCAL_RANK)
+    accum_steps: int = 1  # ours: micro-batches per optimiser step, its pairs split across them and
+    # their gradients added up (the paper's 480 pairs per step on fewer GPUs: docs/parallel.md)
+    shard: Literal["none", "fsdp"] = "none"  # under torchrun, none: each process holds the whole
+    # student (DDP); fsdp: FSDP2 shards its weights, gradients and optimiser state over them
     threads: int = 1  # intra-op CPU threads, 0: torch's default (one per core); tiny toy nets run
     # fastest on one and stall when threads compete for cores
     out: str = ""  # the run directory (default: runs/<backbone>-<method>)
@@ -154,7 +159,7 @@ PRESETS: dict[str, dict[str, tuple[Any, str]]] = {  # field → (value, where it
     "sana": {
         "N": (16, "official code"),
         "shift": (2.5, "official code"),
-        "prompts": (1, "official code, per GPU"),
+        "prompts": (1, "official code: 1 per GPU; under torchrun 1 per process"),
         "K": (1, "official code"),
         "pool_steps": (1, "official code"),
         "cfg_scales": ((4.0, 4.5, 5.0), "Sana-Sprint"),
@@ -326,12 +331,13 @@ def parse_args(argv: list[str] | None = None) -> Config:
 def sana_case(given: dict) -> dict:
     """PRESETS["sana"]'s values that depend on the flags (SANA_CASES): the tiny pipeline without
     --pretrained; else the teacher's own resolution from its configs (if unreadable, the default:
-    sana_io.check_input then names what is wrong); bf16 on CUDA."""
+    sana_io.check_input then names what is wrong); one prompt per process; bf16 on CUDA."""
     if given.get("tiny") or not given.get("pretrained"):
         case = {"tiny": True} | values(SANA_CASES["--tiny"])
     else:
         case = {"resolution": sana_io.own_resolution(given["pretrained"]) or Config.resolution}
     cuda = given.get("device", Config.device).startswith("cuda")
+    case |= {"prompts": parallel.ranks()[2]}  # the official code's one prompt per GPU
     return case | (values(SANA_CASES["--device cuda"]) if cuda else {})
 
 
@@ -375,7 +381,7 @@ RANGES = {  # field → the range its value (each value of a tuple) must lie in,
     for spec, names in {
         ">= 2": "N n_eval",
         ">= 1": "prompts K pool_steps steps eval_teacher_steps eval_batch log_every ckpt_every "
-        "max_bad_steps resolution vae_batch lora_rank",
+        "max_bad_steps resolution vae_batch lora_rank accum_steps",
         ">= 0": "cfg_scales eval_w guidance_scale H S_r T_r teacher_steps threads "
         "max_sequence_length lora_alpha lora_lr sample_every",
         "> 0": "shift P_std c sigma_d filter_threshold lr fd_eps",
@@ -408,6 +414,30 @@ def must(name: str, spec: str) -> str:
     return f"{name} must be {'in ' * (spec[0] in '[(')}{spec}"
 
 
+def parallel_problems(c: Config) -> list[str]:
+    """What torchrun's process count (WORLD_SIZE) and --device, --prompts, --accum-steps, --shard
+    cannot do together."""
+    f, world = flag, parallel.ranks()[2]
+    try:
+        parallel.rank_device(c.device, 0, world)
+    except ValueError as e:
+        return [str(e)]
+    bad = [f"{f('prompts')} {c.prompts} must be a multiple of the {world} processes"] * bool(
+        c.prompts % world
+    )
+    pairs = c.prompts // world * c.K * (c.N - 1)  # per process and step
+    if c.accum_steps > pairs and not bad:
+        bad.append(f"{f('accum_steps')} {c.accum_steps} exceeds the {pairs} pairs per process")
+    if c.shard == "fsdp":
+        if world < 2:
+            bad.append(f"{f('shard')} fsdp shards over processes: start 2 or more with torchrun")
+        if c.student == "lora":
+            bad.append(f"{f('shard')} fsdp shards a full student; drop {f('student')} lora")
+        if c.sample_every:
+            bad.append(f"{f('sample_every')} draws on rank 0 alone; drop it with {f('shard')} fsdp")
+    return bad
+
+
 def validate(cfg: Config, run_dir: bool = True) -> None:
     """Ranges, flag combinations and (run_dir) the run directory, before anything is built."""
     f, c = flag, cfg
@@ -436,6 +466,7 @@ def validate(cfg: Config, run_dir: bool = True) -> None:
         bad.append(f"{f('bank')} holds TBCM trajectory pairs; drop {f('method')} scm")
     if c.device.startswith("cuda") and not torch.cuda.is_available():
         bad.append(f"{f('device')} {c.device} but CUDA is not available; use {f('device')} cpu")
+    bad += parallel_problems(c)
     run = Path(c.out)
     if run_dir and c.resume and not checkpoint.latest(run / "checkpoints"):
         bad.append(f"{f('resume')}: no complete checkpoint under {run}/checkpoints")

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+import parallel
 import sana
 import toy
 from checkpoint import atomic_path, weights_sha256
@@ -92,6 +93,29 @@ class Trainable:
         if set(state) != set(self.names):
             raise ValueError("the checkpoint's trainable tensors are not this LoRA student's")
         self.module.load_state_dict(state, strict=False)
+
+
+def checkpointed(modules: dict[str, nn.Module], student: nn.Module) -> tuple[dict, str | None]:
+    """What a training checkpoint holds of each module, and the base weights' hash: of a LoRA
+    student (its `base_sha256` set) and its EMA only what trains, the hash to check on resume;
+    otherwise every module whole and None."""
+    base = getattr(student, "base_sha256", None)
+    if base is None:
+        return modules, None
+    names = trainable_names(student)
+    return {k: m if k == "head" else Trainable(m, names) for k, m in modules.items()}, base
+
+
+def check_base(saved: str | None, base: str | None, run: Path, student: str) -> None:
+    """--resume: a checkpoint of another kind of student, or of a LoRA student on other base
+    weights than this teacher's, is refused (UsageError)."""
+    if (saved is None) != (base is None):
+        raise UsageError(f"--resume: the checkpoint in {run} is not of a --student {student}")
+    if saved != base:
+        raise UsageError(
+            f"--resume: the checkpoint in {run} was trained on other base weights than this "
+            "teacher's (LoRA students hold only their adapter); use the same teacher"
+        )
 
 
 @contextmanager
@@ -212,7 +236,7 @@ def sana_lora(tr: Any, timestep_scale: float, cfg: Config) -> tuple[nn.Module, n
     """The Sana-Sprint student built on the teacher's weights in their dtype, with a LoRA adapter
     (base hash kept), and its teacher view (the teacher's own attention processors)."""
     base = weights_sha256(tr)
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(devices=parallel.rng_devices(cfg.device)):
         torch.manual_seed(cfg.seed)
         try:
             shared = sana.make_student(tr, timestep_scale, tr.dtype)

@@ -161,6 +161,8 @@ def scm_loss(
     mask: torch.Tensor | None = None,
     fd_eps: float | None = None,
     t_bins: int = 4,
+    F_grad: StudentF | None = None,
+    denom: torch.Tensor | None = None,
 ):
     """Eqs. (2) and (4), Alg. 1 lines 13–16: the student's consistency loss on (x_t, t, dx_t/dt).
 
@@ -168,10 +170,12 @@ def scm_loss(
     reach θ only through F_θ (F⁻ and g are stop-gradient) and φ through logvar. mask [P]
     (brightness filter) drops pairs; the mean is over the kept pairs. Returns (loss, stats), stats
     on the device (r a float): loss per t-bin, mean ‖g‖ before normalisation, r, the kept share.
+    F_grad: the same F_θ for the with-gradient pass (a DDP wrapper's); the JVP runs on F_theta.
+    denom: the divisor of the kept pairs' sum (a micro-batch's: its whole step's kept count).
     """
     F_minus, g, g_norm = scm_target(F_theta, x_t, t, dxdt, r=r, sigma_d=sigma_d, c=c, fd_eps=fd_eps)
     return loss_from_target(
-        F_theta,
+        F_theta if F_grad is None else F_grad,
         x_t,
         t,
         F_minus,
@@ -182,6 +186,7 @@ def scm_loss(
         mask=mask,
         extra={"g_norm": g_norm.mean(), "r": r},
         t_bins=t_bins,
+        denom=denom,
     )
 
 
@@ -198,8 +203,10 @@ def loss_from_target(
     mask: torch.Tensor | None,
     extra: dict,
     t_bins: int = 4,
+    denom: torch.Tensor | None = None,
 ):
-    """Alg. 1 lines 15–16 given `scm_target`'s F⁻ and g: the weighted, masked loss and its stats."""
+    """Alg. 1 lines 15–16 given `scm_target`'s F⁻ and g: the weighted, masked loss and its stats
+    (with `denom`: the kept pairs' sum over denom instead of their mean; stats: `merge_stats`)."""
     F = F_theta(x_t / sigma_d, t)
     # mean over D of (F_θ − F⁻ − g)²: the target F⁻ + g carries no gradient
     sq = ((F - F_minus - g) ** 2).flatten(1).mean(1)  # [P]
@@ -208,7 +215,7 @@ def loss_from_target(
     # DEVIATION (paper Alg. 1 and train_tbcm.py: mask·L, then the mean over all pairs); ours: mean
     # over the kept pairs, so filtering does not shrink the step, and all filtered gives 0, not NaN
     # — see tests/test_loss.py::test_mask_drops_pairs_and_handles_all_dropped
-    loss = (keep * per_pair).sum() / keep.sum().clamp(min=1)
+    loss = (keep * per_pair).sum() / (keep.sum().clamp(min=1) if denom is None else denom)
     with torch.no_grad():
         edges = torch.linspace(0, math.pi / 2, t_bins + 1, device=t.device)
         bins = torch.bucketize(t, edges[1:-1])  # [P]
@@ -217,4 +224,23 @@ def loss_from_target(
         in_bin = bins == torch.arange(t_bins, device=t.device)[:, None]  # [t_bins, P]
         by_bin = torch.where(in_bin, per_pair, 0).sum(1) / in_bin.sum(1)  # [t_bins]
     stats = {"loss": loss.detach(), "loss_by_t_bin": by_bin, **extra, "kept": keep.mean()}
-    return loss, stats
+    return loss, stats | {"pairs_by_t_bin": in_bin.sum(1)}  # merge_stats's weights
+
+
+def merge_stats(parts: list[dict]) -> dict:
+    """One optimiser step's stats from its micro-batches' (`loss_from_target` with the step's
+    `denom`): the losses add up, the per-bin losses and the other means are weighted by their pair
+    counts, which are then dropped. One part: its stats as they are."""
+    bins = [p.pop("pairs_by_t_bin") for p in parts]
+    counts = [b.sum() for b in bins]  # each pair lies in one bin
+    if len(parts) == 1:
+        return parts[0]
+    merged = {"loss": sum(p["loss"] for p in parts)}
+    pairs = zip(parts, bins, strict=True)
+    by_bin = [torch.where(c > 0, p["loss_by_t_bin"], 0) * c for p, c in pairs]
+    merged["loss_by_t_bin"] = sum(by_bin) / sum(bins)  # an empty bin: 0/0 = NaN, as in one part
+    for k, v in parts[0].items():
+        if k not in merged:  # means over pairs (g_norm, kept), weighted; r: the same in each part
+            mean = sum(p[k] * n for p, n in zip(parts, counts, strict=True)) / sum(counts)
+            merged[k] = mean if isinstance(v, torch.Tensor) else v
+    return merged

@@ -151,3 +151,12 @@ class PairPool:
         batch = {k: v[self.pos : self.pos + n] for k, v in self.pairs.items()}
         self.pos += n
         return batch
+
+
+def split(b: Batch, n: int) -> list[Batch]:
+    """One step's pairs as n micro-batches of nearly equal size, in order (gradient accumulation,
+    --accum-steps); n = 1: the batch itself."""
+    if n == 1:
+        return [b]
+    cut = {k: v.tensor_split(n) for k, v in b.items()}
+    return [{k: v[i] for k, v in cut.items()} for i in range(n)]

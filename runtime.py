@@ -1,9 +1,9 @@
-"""Plumbing that is not in the paper: precision (bf16 autocast, TF32 on CUDA), EMA, threads, data
-parallel, Ctrl-C, peak memory (the host's RSS; on CUDA the allocator's), device synchronisation.
+"""Plumbing that is not in the paper: precision (bf16 autocast, TF32 on CUDA), EMA, threads, ranks
+waiting for each other, Ctrl-C, peak memory (the host's RSS; on CUDA the allocator's), device
+synchronisation. Devices per rank, DDP and FSDP2: parallel.py.
 
 Every function takes plain values (a device string, a decay), never the run's `Config`, so that any
-file may use them. Data parallel is an explicit gradient all-reduce, not `DistributedDataParallel`:
-forward-mode AD (the JVP of Alg. 1) does not pass through DDP's hooks.
+file may use them.
 """
 
 import copy
@@ -12,7 +12,7 @@ import resource
 import signal
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
@@ -77,16 +77,6 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step:
             p_ema.lerp_(p, 1 - beta)
 
 
-def dist_init() -> tuple[int, int]:
-    """Under torchrun: join the process group (gloo on CPU, NCCL on GPU); returns (rank, world)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), world
-
-
 def barrier() -> None:
     """Wait for all ranks (nothing in a single process)."""
     if dist.is_available() and dist.is_initialized():
@@ -105,19 +95,6 @@ def rank0_first(rank: int) -> Iterator[None]:
     finally:
         if rank == 0:
             barrier()
-
-
-def all_reduce_grads(params: Iterable[torch.nn.Parameter], world: int) -> None:
-    """Average the gradients over the ranks (what DDP does); a missing gradient counts as zero."""
-    # DEVIATION (code of Sana-Sprint and TBCM: DistributedDataParallel through accelerate); ours: an
-    # explicit all-reduce, as the JVP must run on the unwrapped module (forward AD does not pass
-    # DDP's hooks) — see tests/test_train.py::test_torchrun_two_processes_match_one
-    if world == 1:
-        return
-    for p in params:
-        p.grad = torch.zeros_like(p) if p.grad is None else p.grad
-        dist.all_reduce(p.grad)
-        p.grad /= world
 
 
 @contextmanager

@@ -13,8 +13,8 @@ Alg. 1, its lines numbered from "Input" = 1, and where each lives:
     13–16  g, tangent normalisation, adaptive    loss.scm_loss (the JVP: loss.jvp_cs_dF_dt)
            weighting, brightness mask
     17–18  (θ, φ) ← (θ, φ) − η∇L, Iters + 1      train() below
-Around it, not in the paper: config.py (flags), runtime.py (EMA, data parallel, Ctrl-C),
-checkpoint.py, metrics.evaluate_samplers (teacher@N, student@1/2/4), report.py (figures).
+Around it, not in the paper: config.py (flags), runtime.py (EMA, Ctrl-C), parallel.py (DDP, FSDP2,
+accumulation), checkpoint.py, metrics.evaluate_samplers (teacher@N, student@1/2/4), report.py.
 """
 
 import dataclasses
@@ -35,18 +35,17 @@ import backbones
 import bank
 import checkpoint
 import lora
+import parallel
 import report
 from config import Config, UsageError, parse_args, validate
-from loss import LogvarHead, r_schedule, scm_loss
+from loss import LogvarHead, merge_stats, r_schedule, scm_loss
 from metrics import evaluate_samplers
 from monitor import Monitor
-from pairs import PairPool, PairSource, SCMPairs, TBCMPairs
+from pairs import PairPool, PairSource, SCMPairs, TBCMPairs, split
 from runtime import (
-    all_reduce_grads,
     autocast,
     clock,
     device_memory_mb,
-    dist_init,
     ema_of,
     ema_update,
     peak_rss_mb,
@@ -65,20 +64,24 @@ def train(cfg: Config, student: nn.Module, source: PairSource, run: Path, rank=0
     """Alg. 1 lines 2–18 with EMA, logging, checkpoints, a NaN guard, resume; returns (EMA, state).
 
     Data parallel (world > 1): rank r takes prompt slots r·P/world … (r+1)·P/world − 1 of each step,
-    the gradients are averaged before clipping; the JVP runs on the plain module. Rank 0 writes.
+    the gradients are averaged before clipping (DDP, or FSDP2 with --shard fsdp); the JVP runs on
+    the plain module. --accum-steps A: A micro-batches per step. Rank 0 writes.
     """
     torch.manual_seed(cfg.seed)
     student, head = student.train(), LogvarHead().to(cfg.device)  # line 2: θ from the teacher; φ
-    ema = ema_of(student, cfg.ema_decay)
+    ema, A = ema_of(student, cfg.ema_decay), cfg.accum_steps
+    sharded = cfg.shard == "fsdp"  # FSDP2 shards, before the optimiser takes them; else DDP
+    for m in {id(m): m for m in (student, head, ema)}.values() if sharded else ():
+        parallel.shard(m, cfg.precision)
+    ddp = partial(parallel.data_parallel, device=cfg.device, world=1 if sharded else world)
+    wrapped = [ddp(student), ddp(head)]  # the gradient pass's (FSDP2 shards average themselves)
     groups = lora.param_groups(student, list(head.parameters()), cfg.lr, cfg.lora_lr)
     params = [p for g in groups for p in g["params"]]
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0)
-    F_theta = TrigFlow(student, guidance_scale=cfg.guidance_scale)
+    trig = partial(TrigFlow, guidance_scale=cfg.guidance_scale)  # F_θ(x/σ_d, t, cond, w)
+    F_theta, F_grad = trig(student), trig(wrapped[0])  # for the JVP; for the gradient pass
     modules = dict(student=student, head=head) | ({} if ema is student else dict(ema=ema))
-    base = getattr(student, "base_sha256", None)  # a LoRA student: checkpoints hold what trains
-    if base:
-        names = lora.trainable_names(student)
-        modules = {k: m if k == "head" else lora.Trainable(m, names) for k, m in modules.items()}
+    modules, base = lora.checkpointed(modules, student)  # LoRA: what trains, the base's hash
     per_rank = cfg.prompts // world
     slots, per_step = range(rank * per_rank, (rank + 1) * per_rank), per_rank * cfg.K * (cfg.N - 1)
     r_of = dict(H=cfg.H, S_r=cfg.S_r, T_r=cfg.T_r, r_final=cfg.r_final, direct=cfg.r_direct)
@@ -88,20 +91,11 @@ def train(cfg: Config, student: nn.Module, source: PairSource, run: Path, rank=0
     st |= dict(pool=-1, pool_pos=0)
     if cfg.resume:
         path = checkpoint.latest(run / "checkpoints")  # config.validate: there is one
-        skipped = [p.name for p in sorted(path.parent.glob("step-*")) if p.name > path.name]
-        if skipped and rank == 0:
-            names, now = ", ".join(skipped), path.name
-            print(f"--resume: skipped incomplete {names}; resuming from {now}", file=sys.stderr)
-        tensors, meta = checkpoint.load(path)
-        if (meta.get("base_sha256") is None) != (base is None):
-            raise UsageError(
-                f"--resume: the checkpoint in {run} is not of a --student {cfg.student}"
-            )
-        if meta.get("base_sha256") != base:
-            raise UsageError(
-                f"--resume: the checkpoint in {run} was trained on other base weights than this "
-                "teacher's (LoRA students hold only their adapter); use the same teacher"
-            )
+        if (note := checkpoint.skipped_note(path)) and rank == 0:
+            print(note, file=sys.stderr)  # incomplete checkpoints after the one resumed from
+        tensors, meta = checkpoint.load(path)  # whole tensors; --shard fsdp: this rank's shards
+        lora.check_base(meta.get("base_sha256"), base, run, cfg.student)
+        tensors = parallel.scattered(tensors, checkpoint.targets(modules, params, tensors))
         checkpoint.unpack_state(modules, opt, tensors, meta["optimizer"])
         st = meta["train"]
         if rank == 0:
@@ -112,8 +106,9 @@ def train(cfg: Config, student: nn.Module, source: PairSource, run: Path, rank=0
     def save() -> None:
         t = time.perf_counter()  # the wall time counts the step's kernels still on the device
         st.update(pool=pool.pool, pool_pos=pool.pos, wall_s=st["wall_s"] + clock(cfg.device) - t)
+        tensors, opt_meta = checkpoint.pack_state(modules, opt)
+        tensors = parallel.gathered(tensors, rank == 0) if sharded else tensors  # every rank sends
         if rank == 0:
-            tensors, opt_meta = checkpoint.pack_state(modules, opt)
             state = {"train": st, "optimizer": opt_meta, "config": dataclasses.asdict(cfg)}
             state |= {"base_sha256": base} if base else {}
             checkpoint.save(run / "checkpoints", st["step"], tensors, state)
@@ -127,20 +122,25 @@ def train(cfg: Config, student: nn.Module, source: PairSource, run: Path, rank=0
             opt.zero_grad(set_to_none=True)  # the last gradient is not kept through the pairs
             b = pool.next(per_step)  # lines 3–11: pairs (x_t, t, dx_t/dt), prompts, w, mask
             r = r_schedule(step, **r_of)  # line 12
-            F = partial(F_theta, cond=source.cond(b["prompt"]), w=b["w"])  # the student, F(x, t)
-            x_t, t, dxdt = b["x_t"], b["t"], b["dxdt"]
-            with autocast(cfg.device, cfg.precision):  # lines 13–16
-                loss, stats = scm_loss(F, x_t, t, dxdt, head(t), r=r, mask=b["keep"], **hyper)
-            # line 17, with data parallel, clipping and a guard against NaN/Inf steps
-            loss.backward()
-            all_reduce_grads(params, world)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            denom, parts = b["keep"].sum().clamp(min=1) if A > 1 else None, []  # the step's kept
+            for i, mb in enumerate(split(b, A)):  # micro-batches; gradients averaged on the last
+                on = dict(cond=source.cond(mb["prompt"]), w=mb["w"])  # the student is F(x, t)
+                F, F_g, t = partial(F_theta, **on), partial(F_grad, **on), mb["t"]
+                with parallel.gradient_sync(wrapped, i == A - 1):
+                    with autocast(cfg.device, cfg.precision):  # lines 13–16
+                        loss, stats = scm_loss(
+                            F, mb["x_t"], t, mb["dxdt"], wrapped[1](t), r=r, mask=mb["keep"],
+                            F_grad=F_g, denom=denom, **hyper
+                        )  # fmt: skip
+                    loss.backward()  # line 17, then clipping and a guard against NaN/Inf steps
+                parts.append(stats)
+            stats = merge_stats(parts)
+            grad_norm = parallel.whole(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
             logs = log is not None and (step % cfg.log_every == 0 or step + 1 == cfg.steps)
             # One host read a step (one stall on a GPU): the guard's flag, the kept share and on a
-            # log line its statistics, in one copy. A skip on the device (the update masked by
-            # torch.where) would read nothing, but rewrite the weights and AdamW's moments at every
-            # step, and the host would see a NaN streak only past --max-bad-steps.
-            read = dict(finite=torch.isfinite(loss) & torch.isfinite(grad_norm), kept=stats["kept"])
+            # log line its statistics. A skip on the device (an update masked by torch.where) would
+            # read nothing but rewrite weights and moments at every step and see a NaN streak late.
+            read = dict(finite=stats["loss"].isfinite() & grad_norm.isfinite(), kept=stats["kept"])
             got = host(read | (dict(stats, grad_norm=grad_norm) if logs else {}))
             finite = bool(got["finite"])
             if finite:
@@ -189,15 +189,13 @@ def host(values: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """parse → validate → teacher and pair source (rank 0 first) → run directory → train →
     evaluate → export → metrics.json → figures. Exit 0; 1: the run failed; 2: bad input; 130: ^C."""
-    rank, world = dist_init()
+    rank, local_rank, world = parallel.ranks()
     teacher = None
     try:
         cfg = parse_args(argv)
-        if cfg.device == "cuda" and world > 1:
-            cfg = dataclasses.replace(cfg, device=f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
-        validate(cfg)
-        if cfg.prompts % world:
-            raise UsageError(f"--prompts {cfg.prompts} must be a multiple of the {world} processes")
+        validate(cfg)  # config.parallel_problems: the device, the processes, --shard
+        # this rank's device (cuda: cuda:LOCAL_RANK), made current; the process group joined
+        cfg = dataclasses.replace(cfg, device=parallel.init(cfg.device, local_rank, world))
         set_threads(cfg.threads)
         with rank0_first(rank):  # toy teachers are trained and cached once
             if cfg.bank:  # the teacher's weights for θ only: no teacher pass, text encoder or VAE
@@ -227,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1 if isinstance(e, RunError) else 2
     mem = device_memory_mb(cfg.device, world)  # CUDA: each rank's peaks (every rank gathers)
+    # --shard fsdp: the evaluated student whole on rank 0, in a fresh student (every rank sends)
+    ema = parallel.unsharded(ema, (source if cfg.bank else teacher).student, keep=rank == 0)
     if rank > 0:
         return 0
     teacher = teacher or backbones.build(cfg)  # from a bank: the teacher only now, for evaluation

@@ -11,11 +11,11 @@ from safetensors.torch import save_file
 
 import train
 from pairs import PairPool
-from runtime import dist_init
+from parallel import ranks
 
 
 def main(drawn: str, argv: list[str]) -> int:
-    rank, _ = dist_init()
+    rank = ranks()[0]
     batches, draw = [], PairPool.next
 
     def recorded(pool: PairPool, n: int) -> dict:

@@ -61,6 +61,7 @@ OUT_OF_RANGE = dict(
     ckpt_every="0",
     max_bad_steps="0",
     seed="-1",
+    accum_steps="0",
     threads="-1",
     teacher_steps="-1",
     resolution="0",

@@ -18,7 +18,7 @@ EXEMPTION = re.compile(r"Over 250 lines:\s*(\S[^\n]*)")  # in the module docstri
 # The floors (README, "Where each equation lives"): a module imports only modules on strictly
 # lower floors. A new file needs an entry here (test_every_file_has_a_floor).
 BY_FLOOR = {
-    0: "trigflow brightness_filter runtime checkpoint toy sana_io report",
+    0: "trigflow brightness_filter runtime parallel checkpoint toy sana_io report",
     1: "trajectory loss sampler config toy_teacher sana sana_tiny",
     2: "pairs metrics lora",
     3: "backbones",
@@ -30,6 +30,7 @@ BY_FLOOR = {
     7: "bench/cost_worker bench/cost_compose bench/quality analysis/equivalent_noise analysis/tsne",
     8: "bench/cost bench/cost_stages",  # the cost bench's driver; paper-sana's stages
     9: "bench/cost_paper bench/gpu_check",  # one paper-sana part in its own process; the GPU check
+    10: "bench/cost_shard",  # the sharded memory table, composed from paper-sana's parts
 }
 FLOORS = {m: floor for floor, names in BY_FLOOR.items() for m in names.split()}
 

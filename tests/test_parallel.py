@@ -182,12 +182,6 @@ def test_scattered_cuts_each_ranks_own_copy(ranks_out):
         assert shard.numel() > 0 and torch.equal(shard, torch.full_like(shard, float(r)))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="parallel.shard: FSDP2 keeps the root unsharded after a forward without backward, so "
-    "module.parameters() yields whole plain tensors (an optimiser or ema_update taking them then "
-    "misses the shards); fully_shard(root, reshard_after_forward=True) would keep the shards",
-)
 def test_no_grad_forward_keeps_shards(ranks_out):
     """After a forward without gradient (a sample, the JVP's primal) every parameter of a sharded
     toy MLP is still this rank's shard (a DTensor), as before it."""
