@@ -101,6 +101,7 @@ PAGES = {
     "cost_paper-sana": "docs/cost.md",
     "cost_small-sana_lora": "docs/lora.md",
     "bank_digits": "docs/bank.md",
+    "cost_shard": "docs/sharded_memory.md",
     "gpu_memory": "README.md",
 }
 
