@@ -342,3 +342,26 @@ def test_sana_bank_matches_online_without_text_encoder(frozen, student, tmp_path
     )  # embeddings, masks per slot
     x, y = ckpt(online, 2), ckpt(banked, 2)
     assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_bank_training_under_torchrun_matches_one_process(cache, tmp_path, torchrun):
+    """Training from a bank on 2 gloo ranks (DDP; each rank reads its own prompt slots of the
+    shards) trains as one process: step 0's gradient norm to rel 1e-6, later steps' to 1e-4, the
+    weights after 4 AdamW steps within half the learning rate. One step per pool: a pool's pairs
+    are shuffled per rank, so only with one step per pool does each step hold the same pairs."""
+    one, two, pairs = tmp_path / "one", tmp_path / "two", tmp_path / "bank"
+    per_step = [*PAIRS[:-1], "1", "--cache-dir", cache]  # --pool-steps 1
+    assert bank.main(["build", "--out", str(pairs), "--pools", "4", *per_step]) == 0
+    flags = ["--bank", str(pairs), "--steps", "4", "--cache-dir", cache, *RUN]
+    assert train.main([*flags, "--out", str(one)]) == 0
+    p = torchrun(["train.py", *flags, "--out", str(two)])
+    assert p.returncode == 0, p.stderr[-2000:]
+    g1, g2 = (
+        [json.loads(ln)["grad_norm"] for ln in (d / "log.jsonl").read_text().splitlines()]
+        for d in (one, two)
+    )
+    assert g1[0] == pytest.approx(g2[0], rel=1e-6) and g1 == pytest.approx(g2, rel=1e-4)
+    a, b = ckpt(one, 4), ckpt(two, 4)
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a if k.startswith(("student/", "head/")))
+    assert diff < 0.5 * 3e-5  # the digits default lr
+    assert json.loads((two / "metrics.json").read_text())["train"]["processes"] == 2
