@@ -184,7 +184,7 @@ def test_scattered_cuts_each_ranks_own_copy(ranks_out):
 
 def test_no_grad_forward_keeps_shards(ranks_out):
     """After a forward without gradient (a sample, the JVP's primal) every parameter of a sharded
-    toy MLP is still this rank's shard (a DTensor), as before it."""
+    toy MLP is still this rank's shard (a DTensor), the same as ahead of that forward."""
     for out in ranks_out:
         r = out["no_grad"]
         assert all(r["before"])
