@@ -56,7 +56,7 @@ def jvp_cs_dF_dt(
     cos t·sin t: the output is then cos t·sin t·dF⁻/dt, the only form g uses (Alg. 1), as in sCM's
     code. It runs under the math SDPA backend, which has forward AD. With fd_eps: a central finite
     difference along the same direction (error O(fd_eps²)), for models forward AD cannot go through
-    (fused attention, DDP/FSDP wrappers, checkpointing).
+    (fused attention kernels, custom ops; FSDP2-sharded students it does pass, parallel.py).
     """
     cs = torch.cos(t) * torch.sin(t)  # [P]
     v_x, v_t = bcast(cs, x) * dxdt / sigma_d, cs
