@@ -65,9 +65,11 @@ class Config:
     # with probability 1 − mse/threshold (official code), hard keeps mse ≥ threshold (paper text)
     filter_threshold: float = 0.1  # the filter's MSE threshold to the black latent (digits: a
     # near-empty digit; official code: 1.0 on Sana)
-    lr: float = 3e-5  # AdamW learning rate, not rescaled (digits: 1e-4 and 3e-4 drift, 1e-5 is
-    # slow; TBCM code: CAME at 1e-5)
+    lr: float = 3e-5  # learning rate of --optimizer, not rescaled (digits, AdamW: 1e-4 and 3e-4
+    # drift, 1e-5 is slow; TBCM code: CAME at 1e-5)
     grad_clip: float = 1.0  # gradient norm clip, inf: no clipping (TBCM code: 0.1 on Sana)
+    optimizer: Literal["adamw", "came"] = "adamw"  # AdamW, or CAME with the official betas and eps
+    # (Sana-Sprint and TBCM configs: CAMEWrapper; optimizers.py)
     ema_decay: float = 0.999  # EMA of the student, the evaluated weights (0: the raw student)
     steps: int = 2000  # optimiser steps (paper: 20000)
     jvp: Literal["jvp", "fd"] = "jvp"  # tangent dF⁻/dt by torch.func.jvp, or by a central finite
@@ -170,6 +172,7 @@ PRESETS: dict[str, dict[str, tuple[Any, str]]] = {  # field → (value, where it
         "r_final": (0.75, "paper Tab. 6"),
         "lr": (1e-5, "TBCM code"),
         "grad_clip": (0.1, "TBCM code"),
+        "optimizer": ("came", "TBCM and Sana-Sprint configs: CAMEWrapper"),
         "steps": (20000, "paper Tab. 3"),
         "filter_threshold": (1.0, "official code"),
         "n_eval": (16, "ours: a short evaluation"),
@@ -188,6 +191,9 @@ SANA_CASES: dict[str, dict[str, tuple[Any, str]]] = {
     "--device cuda": {
         "precision": ("bf16", "TBCM code: bf16 mixed precision"),
         "frozen_precision": ("bf16", "the released teacher's and Gemma-2's dtype"),
+    },
+    "--shard fsdp": {
+        "optimizer": ("adamw", "ours: CAME's factored moments take no FSDP2 shards (optimizers.py)")
     },
     "--tiny": {
         "resolution": (64, "the tiny pipeline's own: 8 × 8 latents, DC-AE f8"),
@@ -331,13 +337,15 @@ def parse_args(argv: list[str] | None = None) -> Config:
 def sana_case(given: dict) -> dict:
     """PRESETS["sana"]'s values that depend on the flags (SANA_CASES): the tiny pipeline without
     --pretrained; else the teacher's own resolution from its configs (if unreadable, the default:
-    sana_io.check_input then names what is wrong); one prompt per process; bf16 on CUDA."""
+    sana_io.check_input then names what is wrong); one prompt per process; AdamW under FSDP2; bf16
+    on CUDA."""
     if given.get("tiny") or not given.get("pretrained"):
         case = {"tiny": True} | values(SANA_CASES["--tiny"])
     else:
         case = {"resolution": sana_io.own_resolution(given["pretrained"]) or Config.resolution}
     cuda = given.get("device", Config.device).startswith("cuda")
     case |= {"prompts": parallel.ranks()[2]}  # the official code's one prompt per GPU
+    case |= values(SANA_CASES["--shard fsdp"]) if given.get("shard") == "fsdp" else {}
     return case | (values(SANA_CASES["--device cuda"]) if cuda else {})
 
 
@@ -433,6 +441,9 @@ def parallel_problems(c: Config) -> list[str]:
             bad.append(f"{f('shard')} fsdp shards over processes: start 2 or more with torchrun")
         if c.student == "lora":
             bad.append(f"{f('shard')} fsdp shards a full student; drop {f('student')} lora")
+        if c.optimizer == "came":
+            keep = "keeps whole-matrix moments; use adamw with"
+            bad.append(f"{f('optimizer')} came {keep} {f('shard')} fsdp")
         if c.sample_every:
             bad.append(f"{f('sample_every')} draws on rank 0 alone; drop it with {f('shard')} fsdp")
     return bad

@@ -35,6 +35,7 @@ import backbones
 import bank
 import checkpoint
 import lora
+import optimizers
 import parallel
 import report
 from config import Config, UsageError, parse_args, validate
@@ -76,8 +77,7 @@ def train(cfg: Config, student: nn.Module, source: PairSource, run: Path, rank=0
     ddp = partial(parallel.data_parallel, device=cfg.device, world=1 if sharded else world)
     wrapped = [ddp(student), ddp(head)]  # the gradient pass's (FSDP2 shards average themselves)
     groups = lora.param_groups(student, list(head.parameters()), cfg.lr, cfg.lora_lr)
-    params = [p for g in groups for p in g["params"]]
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0)
+    params, opt = [p for g in groups for p in g["params"]], optimizers.build(groups, cfg)
     trig = partial(TrigFlow, guidance_scale=cfg.guidance_scale)  # F_θ(x/σ_d, t, cond, w)
     F_theta, F_grad = trig(student), trig(wrapped[0])  # for the JVP; for the gradient pass
     modules = dict(student=student, head=head) | ({} if ema is student else dict(ema=ema))

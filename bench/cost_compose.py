@@ -67,10 +67,10 @@ def flags(
     folder: str, work: Path, res: int, variant: str, device: str, precision: str, vae_batch=1
 ) -> list:
     """train.py's flags of `variant` at the paper's settings (sana preset: N 16, K 1, 1 prompt,
-    no EMA), bf16 frozen networks, gradient checkpointing, sCM's DC-AE `vae_batch` per call."""
+    no EMA), bf16 frozen networks, checkpointing, AdamW, sCM's DC-AE `vae_batch` per call."""
     f = f"--backbone sana --pretrained {folder} --prompts-file {work}/prompts.txt --resolution "
     f += f"{res} --max-sequence-length {L} --grad-checkpointing --filter-mode off --n-eval 2 "
-    f += f"--frozen-precision bf16 --precision {precision} --device {device}"
+    f += f"--frozen-precision bf16 --precision {precision} --device {device} --optimizer adamw"
     own = dict(scm=f" --method scm --images {work}/images-{res} --vae-batch {vae_batch}", tbcm="")
     own["bank"] = f" --bank {work}/bank-{res}"
     lora = cost_report.LORA_FLAGS * variant.endswith("-lora")  # ours: LoRA on the bf16 base

@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 import backbones
+import optimizers
 import sana
 import sana_io
 from bank import BankPairs
@@ -212,7 +213,7 @@ def train_steps(
     student, head = student.train(), LogvarHead().to(cfg.device)  # line 2: θ from the teacher; φ
     ema = ema_of(student, cfg.ema_decay)
     params = [p for p in student.parameters() if p.requires_grad] + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    opt = optimizers.build([{"params": params}], cfg)  # train.train's --optimizer
     F_theta = TrigFlow(student, guidance_scale=cfg.guidance_scale)
     pool = PairPool(source, cfg, range(cfg.prompts), rank=0)  # the same shuffle as training
     per_step, fd_eps = cfg.prompts * cfg.K * (cfg.N - 1), cfg.fd_eps if cfg.jvp == "fd" else None

@@ -20,7 +20,7 @@ EXEMPTION = re.compile(r"Over 250 lines:\s*(\S[^\n]*)")  # in the module docstri
 BY_FLOOR = {
     0: "trigflow brightness_filter runtime parallel checkpoint toy sana_io report",
     1: "trajectory loss sampler config toy_teacher sana sana_tiny",
-    2: "pairs metrics lora",
+    2: "pairs metrics lora optimizers",
     3: "backbones",
     4: "bank monitor",
     5: "train evaluate analysis/common",
@@ -31,6 +31,7 @@ BY_FLOOR = {
     8: "bench/cost bench/cost_stages",  # the cost bench's driver; paper-sana's stages
     9: "bench/cost_paper bench/gpu_check",  # one paper-sana part in its own process; the GPU check
     10: "bench/cost_shard",  # the sharded memory table, composed from paper-sana's parts
+    11: "bench/optimizer_state",  # AdamW and CAME state at the paper shapes (cost_shard counts)
 }
 FLOORS = {m: floor for floor, names in BY_FLOOR.items() for m in names.split()}
 

@@ -104,6 +104,7 @@ def test_fsdp_trains_as_ddp_exports_and_resumes_bit_identically(cache, tmp_path,
     from diffusers import SanaSprintPipeline
 
     base = [*SANA, "--cache-dir", cache, "--prompts", "2", "--ckpt-every", "2"]
+    base += ["--optimizer", "adamw"]  # FSDP2's (the sana preset's CAME is not sharded) on both
     ddp, fsdp, cut = tmp_path / "ddp", tmp_path / "fsdp", tmp_path / "cut"
     for out, extra in ((ddp, []), (fsdp, ["--shard", "fsdp"])):
         p = torchrun(["train.py", *base, *extra, "--steps", "4", "--out", str(out)], timeout=600)
@@ -160,6 +161,7 @@ def test_fsdp_with_an_ema_matches_ddp(cache, tmp_path, torchrun):
         (["--shard", "fsdp"], 1, "--shard fsdp shards over processes"),
         (["--shard", "fsdp", "--student", "lora"], 2, "--shard fsdp shards a full student"),
         (["--shard", "fsdp", "--sample-every", "5"], 2, "--sample-every draws on rank 0 alone"),
+        (["--shard", "fsdp", "--optimizer", "came"], 2, "--optimizer came keeps whole-matrix"),
         (["--accum-steps", "7"], 1, "--accum-steps 7 exceeds the 6 pairs per process"),
         (["--prompts", "3"], 2, "--prompts 3 must be a multiple of the 2 processes"),
     ],

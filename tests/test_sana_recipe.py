@@ -40,6 +40,7 @@ OFFICIAL = dict(
     c=0.1,
     sigma_d=0.5,
     lr=1e-5,
+    optimizer="came",  # CAMEWrapper
     grad_clip=0.1,
     steps=20000,
     filter_mode="soft",
