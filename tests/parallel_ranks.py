@@ -176,7 +176,7 @@ def round_trips(student: nn.Module, out: Path, rank: int) -> dict:
     if rank == 0:
         torch.save({"model": state, "opt": saved}, out / "ckpt.pt")
     dist.barrier()
-    ckpt = torch.load(out / "ckpt.pt")
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
 
     # a differently initialised sharded student loads it; its optimiser is built before any
     # forward, as train.py builds it (tests/test_parallel.py::test_no_grad_forward_keeps_shards)

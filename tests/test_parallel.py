@@ -82,7 +82,7 @@ def ranks_out(launched, torchrun, tmp_path_factory) -> list[dict]:
         out = tmp_path_factory.mktemp("ranks")
         launched["proc"] = p = torchrun(["-m", "tests.parallel_ranks", str(out)], timeout=240)
         if p.returncode == 0:
-            launched["out"] = [torch.load(out / f"rank-{r}.pt") for r in (0, 1)]
+            launched["out"] = [torch.load(out / f"rank-{r}.pt", weights_only=True) for r in (0, 1)]
     assert launched["proc"].returncode == 0, launched["proc"].stderr[-3000:]
     return launched["out"]
 
