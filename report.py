@@ -102,6 +102,8 @@ PAGES = {
     "cost_small-sana_lora": "docs/lora.md",
     "bank_digits": "docs/bank.md",
     "cost_shard": "docs/sharded_memory.md",
+    "optimizer_state": "docs/optimizers.md",
+    "quality_optimizer": "docs/optimizers.md",
     "gpu_memory": "README.md",
 }
 

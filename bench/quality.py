@@ -45,6 +45,16 @@ TABLES = {  # variant name → extra train.py flags
     "r_final": sweep("r_final", "--r-final", (0.5, 0.75, 1.0), "r_final={}"),  # Tab. 6
     # Tab. 7: r rises linearly to r_final over H steps and stays, vs up to 1, later down to r_final
     "r_schedule": {"warmup to r_final": ["--r-direct"], "warmup-cooldown": []},
+    # the official configs' CAME against AdamW (optimizers.py): AdamW at 3e-5 and 1e-4, CAME from
+    # 3e-6 (the TBCM code's effective 1e-5·sqrt(32/256)) to 1e-4
+    "optimizer": {
+        f"{name} lr {lr}": [*flags, *(["--lr", lr] if lr != "3e-5" else [])]
+        for name, flags, lrs in (
+            ("AdamW", [], ("3e-5", "1e-4")),
+            ("CAME", ["--optimizer", "came"], ("3e-6", "1e-5", "3e-5", "1e-4")),
+        )
+        for lr in lrs
+    },
     # ours: the LoRA student (lora.py) against the full copy, same pairs and steps; also at the
     # larger learning rates adapters usually train at: for all that trains (--lr) or for the
     # adapter alone (--lora-lr; the guidance embedding and logvar head stay at 3e-5)

@@ -35,6 +35,10 @@ CLAIMS = {
         for r in (16, 64)
         for lr in ("1e-4", "3e-4")
     ],
+    "optimizer": [
+        (f"CAME at lr {lr} beats AdamW at 3e-5 (ours)", f"CAME lr {lr}", "AdamW lr 3e-5")
+        for lr in ("3e-6", "1e-5", "3e-5", "1e-4")
+    ],
     "r_schedule": [
         (
             "warm-up–cool-down beats warm-up to r_final (Tab. 7)",
