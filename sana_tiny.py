@@ -122,18 +122,9 @@ SIZES = {
 # caption 2304, mlp_ratio 2.5), the same Gemma-2-2B and DC-AE as "paper".
 SIZES["paper-1.6b"] = dict(
     text=SIZES["paper"]["text"],
-    transformer=dict(
-        in_channels=32,
-        out_channels=32,
-        num_layers=20,
-        num_attention_heads=70,
-        attention_head_dim=32,
-        num_cross_attention_heads=20,
-        cross_attention_head_dim=112,
-        cross_attention_dim=2240,
-        caption_channels=2304,
-        sample_size=32,
-    ),
+    transformer=SIZES["paper"]["transformer"]  # channels, caption and sample size as the 0.6B's
+    | dict(num_layers=20, num_attention_heads=70, attention_head_dim=32, cross_attention_dim=2240)
+    | dict(num_cross_attention_heads=20, cross_attention_head_dim=112),
     vae=SIZES["paper"]["vae"],
 )
 # Saved dtypes: the released Sana-Sprint teacher and Gemma-2-2B are bf16; the DC-AE stays fp32.
