@@ -148,7 +148,9 @@ class SanaTeacher:
                 )
             with sana_io.quiet_loading():
                 folder = sana_tiny.cached_folder(cfg.cache_dir) if cfg.tiny else cfg.pretrained
-                self.parts = sana.load_sana(folder, cfg.device, frozen_dtype(cfg))
+                # the DC-AE half training runs: sCM's encoder; none for TBCM (sana.load_sana)
+                held = "encoder" if cfg.method == "scm" else "none"
+                self.parts = sana.load_sana(folder, cfg.device, frozen_dtype(cfg), vae=held)
         except sana_io.SanaInputError as e:
             raise UsageError(str(e)) from e
         # the captions join the prompt table; image k has prompt image_prompt[k]

@@ -25,6 +25,7 @@ from runtime import ieee_fp32
 from sana_io import LAYOUT, TEACHER_REPO, SanaInputError, check_folder
 
 MAX_SEQUENCE_LENGTH = 300  # SanaPipeline's and Sana-Sprint's default
+VAE_HELD = ("whole", "encoder", "none")  # load_sana's vae: the part of the DC-AE kept resident
 CACHED_PROMPTS = 256  # prompt encodings kept (real Sana: 300 × 2304 fp32 ≈ 2.8 MB each)
 
 
@@ -44,11 +45,15 @@ class SanaParts:
     transformer: Any  # SanaTransformer2DModel, the flow-matching teacher
     text_encoder: Any  # Gemma2Model
     tokenizer: Any  # GemmaTokenizer
-    vae: Any  # AutoencoderDC, kept in float32
+    # AutoencoderDC in float32, or the part training uses: its encoder (sCM), None (TBCM);
+    # black_latent, decode and export load the folder's whole DC-AE for the call (dc_ae)
+    vae: Any
     # transformer timestep = timestep_scale·s (SanaPipeline: num_train_timesteps × config value)
     timestep_scale: float
     scaling_factor: float  # DC-AE latent × scaling_factor = FM latent
     vae_scale_factor: int  # pixels per latent cell: 2^(len(encoder_block_out_channels) − 1)
+    folder: Path  # the SanaPipeline folder, for the DC-AE not held
+    device: torch.device
 
 
 @contextmanager
@@ -62,21 +67,32 @@ def malformed(folder: Path) -> Iterator[None]:
 
 
 def load_sana(
-    folder: str | Path, device: torch.device | str, dtype: torch.dtype, own_memory: bool = False
+    folder: str | Path,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    own_memory: bool = False,
+    vae: str = "whole",
 ) -> SanaParts:
     """diffusers SanaPipeline folder → SanaParts (transformer, text encoder in dtype; VAE fp32).
     own_memory: files read, not mapped, and every weight copied (hold_in_memory), for a bench that
-    measures the RSS (bench/cost_paper.py on a CPU); off, diffusers' loading as it is."""
+    measures the RSS (bench/cost_paper.py on a CPU); off, diffusers' loading as it is.
+    vae: "whole"; "encoder" (the decoder dropped: sCM trains on encodings), "none" (TBCM's
+    training needs no DC-AE: the black latent, decoding and export load it for the call)."""
     folder = check_folder(folder)
+    if vae not in VAE_HELD:
+        raise ValueError(f"vae={vae!r}: one of {', '.join(VAE_HELD)}")
     from diffusers import SanaPipeline  # after the layout check: a bad path fails at once
 
-    # The DC-AE stays in float32, as Sana's own training code keeps it.
     dtypes = {"transformer": dtype, "text_encoder": dtype, "default": torch.float32}
     with malformed(folder):
         kw = dict(dtype=dtypes, local_files_only=True, disable_mmap=own_memory)  # False: maps
-        pipe = SanaPipeline.from_pretrained(folder, **kw)
+        pipe = SanaPipeline.from_pretrained(folder, vae=None, **kw)
+        vae_config = json.loads((folder / "vae" / "config.json").read_text())
+    dc_ae = None if vae == "none" else load_vae(folder, device, own_memory)
+    if vae == "encoder":
+        dc_ae.decoder = None  # 0.6 GB at full size that sCM's training step never calls
     if own_memory:
-        hold_in_memory(pipe.transformer, pipe.text_encoder, pipe.vae)
+        hold_in_memory(pipe.transformer, pipe.text_encoder)
     gc.collect()  # the loaders' reference cycles hold their read buffers (1.1 GB at full size)
     # SanaPipeline feeds scheduler timesteps (num_train_timesteps·s) × config.timestep_scale.
     n_train = pipe.scheduler.config.get("num_train_timesteps", 1000)
@@ -84,11 +100,42 @@ def load_sana(
         transformer=pipe.transformer.to(device).eval().requires_grad_(False),
         text_encoder=pipe.text_encoder.to(device).eval().requires_grad_(False),
         tokenizer=pipe.tokenizer,
-        vae=pipe.vae.to(device).eval().requires_grad_(False),
+        vae=dc_ae,
         timestep_scale=float(n_train * pipe.transformer.config.timestep_scale),
-        scaling_factor=float(pipe.vae.config.scaling_factor),
-        vae_scale_factor=pipe.vae_scale_factor,
+        scaling_factor=float(vae_config["scaling_factor"]),
+        # SanaPipeline's vae_scale_factor
+        vae_scale_factor=2 ** (len(vae_config["encoder_block_out_channels"]) - 1),
+        folder=folder,
+        device=torch.device(device),
     )
+
+
+def load_vae(folder: str | Path, device: torch.device | str, own_memory: bool = False) -> Any:
+    """The folder's DC-AE alone (AutoencoderDC), in float32 as Sana's own training code keeps it,
+    frozen; own_memory as load_sana."""
+    from diffusers import AutoencoderDC
+
+    folder = Path(folder)
+    with malformed(folder):
+        kw = dict(torch_dtype=torch.float32, local_files_only=True, disable_mmap=own_memory)
+        vae = AutoencoderDC.from_pretrained(folder / "vae", **kw)
+    if own_memory:
+        hold_in_memory(vae)
+    return vae.to(device).eval().requires_grad_(False)
+
+
+@contextmanager
+def dc_ae(parts: SanaParts, need: str) -> Iterator[Any]:
+    """parts.vae if it holds `need` ("encoder" or "decoder"), else the folder's whole DC-AE,
+    loaded for the call and released after it."""
+    held = parts.vae is not None and getattr(parts.vae, need, None) is not None
+    vae = parts.vae if held else load_vae(parts.folder, parts.device)
+    try:
+        yield vae
+    finally:
+        del vae
+        if not held:
+            gc.collect()  # the loaded DC-AE's reference cycles
 
 
 def hold_in_memory(*modules: torch.nn.Module) -> None:
@@ -283,8 +330,7 @@ def jvp_safe(model: torch.nn.Module) -> torch.nn.Module:
 def encode_images(parts: SanaParts, images: torch.Tensor, per_call: int) -> torch.Tensor:
     """Images in [−1, 1] [B, 3, H, W] → FM latents (DC-AE latent × scaling_factor) [B, C, h, w],
     `per_call` images per DC-AE call (its activations grow with it)."""
-    vae = parts.vae
-    with torch.no_grad():
+    with dc_ae(parts, "encoder") as vae, torch.no_grad():
         x = [vae.encode(x.to(vae.device, vae.dtype)).latent for x in images.split(per_call)]
     return torch.cat(x) * parts.scaling_factor
 
@@ -296,9 +342,9 @@ def black_latent(parts: SanaParts, height: int, width: int) -> torch.Tensor:
 
 def decode(parts: SanaParts, x0_fm: torch.Tensor) -> torch.Tensor:
     """diffusers SanaPipeline decode + postprocess: FM latents [B, C, h, w] → images in [0, 1]."""
-    latent = x0_fm.to(parts.vae.device, parts.vae.dtype) / parts.scaling_factor
-    with torch.no_grad():
-        images = parts.vae.decode(latent).sample
+    with dc_ae(parts, "decoder") as vae, torch.no_grad():
+        latent = x0_fm.to(vae.device, vae.dtype) / parts.scaling_factor
+        images = vae.decode(latent).sample
     return (images / 2 + 0.5).clamp(0, 1)
 
 
@@ -306,8 +352,7 @@ def export_student(student: Any, parts: SanaParts, out_dir: str | Path) -> Path:
     """diffusers SanaSprintPipeline folder: student, teacher's text encoder/tokenizer/VAE, SCM."""
     from diffusers import SanaSprintPipeline, SCMScheduler
 
-    pipe = SanaSprintPipeline(
-        parts.tokenizer, parts.text_encoder, parts.vae, student, SCMScheduler()
-    )
-    pipe.save_pretrained(out_dir)
+    with dc_ae(parts, "decoder") as vae:  # the whole DC-AE (an sCM run holds its encoder only)
+        pipe = SanaSprintPipeline(parts.tokenizer, parts.text_encoder, vae, student, SCMScheduler())
+        pipe.save_pretrained(out_dir)
     return Path(out_dir)

@@ -189,7 +189,7 @@ def build(
     teacher = backbones.build(cfg)
     if own_memory and isinstance(teacher, backbones.SanaTeacher):
         p = teacher.parts
-        sana.hold_in_memory(p.transformer, p.text_encoder, p.vae)
+        sana.hold_in_memory(*(m for m in (p.transformer, p.text_encoder, p.vae) if m is not None))
     timed = TimedTBCM if cfg.method == "tbcm" else TimedSCM
     return teacher.student(), timed(cfg, teacher, stage)
 

@@ -313,7 +313,8 @@ def test_frozen_bf16_teacher_with_an_fp32_student(tmp_path):
     T = backbones.SanaTeacher(parse_args([*argv, "bf16", "--out", str(tmp_path / "run")]))
     p = T.parts
     assert p.transformer.dtype == p.text_encoder.dtype == torch.bfloat16
-    assert p.vae.dtype == torch.float32 and T.cond(torch.tensor([0]))[0].dtype == torch.bfloat16
+    assert p.vae is None and T.cond(torch.tensor([0]))[0].dtype == torch.bfloat16  # TBCM: no DC-AE
+    assert sana.load_vae(p.folder, "cpu").dtype == torch.float32 == T.black.dtype
     student = T.student().transformer
     assert all(q.dtype == torch.float32 for q in student.parameters())
     teacher = p.transformer.state_dict()
@@ -333,3 +334,24 @@ def test_load_sana_holds_its_weights_in_memory_of_their_own(tiny, tmp_path):
     parts = sana.load_sana(folder, "cpu", torch.bfloat16, own_memory=True)
     assert str(folder) not in Path("/proc/self/maps").read_text()
     assert parts.transformer.dtype == torch.bfloat16 and parts.vae.dtype == torch.float32
+
+
+def test_training_holds_only_the_dc_ae_half_it_runs(tiny, tmp_path):
+    """load_sana(vae=...): "none" (TBCM) holds no DC-AE, "encoder" (sCM) no decoder; encoding,
+    the black latent, decoding and the exported pipeline's DC-AE equal the whole DC-AE's, bit for
+    bit, the missing half loaded for the call."""
+    whole, enc, none = (sana.load_sana(tiny, "cpu", torch.float32, vae=v) for v in sana.VAE_HELD)
+    assert none.vae is None and enc.vae.decoder is None and enc.vae.encoder is not None
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    want = sana.encode_images(whole, images, 2)
+    for p in (enc, none):
+        assert torch.equal(sana.encode_images(p, images, 2), want)
+        assert torch.equal(sana.black_latent(p, 32, 32), sana.black_latent(whole, 32, 32))
+        assert torch.equal(sana.decode(p, want), sana.decode(whole, want))
+    assert none.vae is None and enc.vae.decoder is None  # still: loaded per call, then dropped
+    for name, p in (("enc", enc), ("none", none)):
+        out = sana.export_student(sana.make_student(p.transformer, 1.0), p, tmp_path / name)
+        got = sana.load_vae(out, "cpu").state_dict()
+        assert all(torch.equal(v, got[k]) for k, v in whole.vae.state_dict().items())
+    with pytest.raises(ValueError, match="vae='decoder'"):
+        sana.load_sana(tiny, "cpu", torch.float32, vae="decoder")
