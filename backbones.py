@@ -224,8 +224,7 @@ class SanaTeacher:
 
     def to_images(self, x0: torch.Tensor) -> torch.Tensor:
         """SanaPipeline decode: FM latents [B, C, h, w] → images [B, 3, H, W] in [−1, 1]."""
-        B = self.cfg.vae_batch
-        return 2 * torch.cat([sana.decode(self.parts, x) for x in x0.split(B)]) - 1
+        return 2 * sana.decode(self.parts, x0, self.cfg.vae_batch) - 1
 
     def export(self, student: nn.Module, folder: Path) -> None:
         """A SanaSprintPipeline folder: the student's transformer (a LoRA student merged) with the

@@ -340,11 +340,12 @@ def black_latent(parts: SanaParts, height: int, width: int) -> torch.Tensor:
     return encode_images(parts, -torch.ones(1, 3, height, width), 1)
 
 
-def decode(parts: SanaParts, x0_fm: torch.Tensor) -> torch.Tensor:
-    """diffusers SanaPipeline decode + postprocess: FM latents [B, C, h, w] → images in [0, 1]."""
+def decode(parts: SanaParts, x0_fm: torch.Tensor, per_call: int | None = None) -> torch.Tensor:
+    """diffusers SanaPipeline decode + postprocess: FM latents [B, C, h, w] → images in [0, 1],
+    `per_call` latents per DC-AE call (default: all), the DC-AE loaded once for them."""
     with dc_ae(parts, "decoder") as vae, torch.no_grad():
         latent = x0_fm.to(vae.device, vae.dtype) / parts.scaling_factor
-        images = vae.decode(latent).sample
+        images = torch.cat([vae.decode(x).sample for x in latent.split(per_call or len(latent))])
     return (images / 2 + 0.5).clamp(0, 1)
 
 
