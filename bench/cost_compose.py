@@ -11,6 +11,12 @@ encoded on its own as our SanaTeacher.cond does, one CFG teacher pass on 16, JVP
 forward+backward on 16; TBCM one prompt, 16 CFG teacher passes of one sample, JVP and
 forward+backward on 15 pairs; the bank: JVP and forward+backward on 15. The gradient (freed at each
 step's zero_grad) lives from the backward pass through the optimiser step.
+
+Recipes (RECIPES): the optimiser (AdamW or the official CAME) and gradient checkpointing on or off,
+the same on both sides; a part whose numbers depend on the recipe carries it in its name
+(recipe_of). The DC-AE: sCM holds its encoder, TBCM none (sana.load_sana), the bank no Sana part
+but the student.
+Over 250 lines: the parts' names, recipes and needs, their runner and their composition together.
 """
 
 import json
@@ -51,9 +57,20 @@ NEEDS_GB = {  # in the order they run
     resident-bank:11 direct-tbcm-512:19 direct-bank-512:12 direct-scm-512:19
     direct-scm-vae8-512:20 stage-jvp-lora-512:4 stage-jvp-lora-1024:6 stage-fwdbwd-lora-512:5
     stage-fwdbwd-lora-1024:7 stage-optimizer-lora:4 resident-tbcm-lora:10 resident-bank-lora:4
-    direct-tbcm-lora-512:13 direct-bank-lora-512:6""".split()
+    direct-tbcm-lora-512:13 direct-bank-lora-512:6 stage-optimizer-came:11
+    stage-optimizer-lora-came:4 resident-scm-came:15 resident-tbcm-came:15 resident-bank-came:9
+    resident-tbcm-lora-came:10 resident-bank-lora-came:4 direct-tbcm-came-512:17
+    direct-bank-came-512:10 direct-scm-came-512:17 stage-fwdbwd-nockpt-512:9
+    stage-fwdbwd-nockpt-1024:14 stage-fwdbwd-lora-nockpt-512:7 stage-fwdbwd-lora-nockpt-1024:12
+    direct-bank-came-accum15-512:9 direct-bank-lora-came-accum15-512:5
+    direct-tbcm-came-accum15-512:16
+    """.split()
     )
 }
+# the optimiser, and gradient checkpointing on both sides; "came-ckpt": the official configs';
+# -accum<A>: --accum-steps A on both sides (composed from the same parts)
+RECIPES = ("adamw-ckpt", "came-ckpt", "adamw", "came", "came-ckpt-accum15")
+OFFICIAL = "came-ckpt"
 PARTS = tuple(NEEDS_GB)
 
 
@@ -63,14 +80,40 @@ TOLERANCE = 0.10  # composed vs direct peak, relative: the composition is truste
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
+def recipe_of(part: str) -> str:
+    """The recipe a part's name says: -came for CAME, -nockpt for checkpointing off, -accum<A>."""
+    words = part.split("-")
+    accum = "".join(f"-{w}" for w in words if w.startswith("accum"))
+    return ("came" if "came" in words else "adamw") + "-ckpt" * ("nockpt" not in words) + accum
+
+
+def recipe_part(kind: str, recipe: str) -> str:
+    """The name of a part of `kind` (resident-tbcm, stage-fwdbwd-lora, …) under `recipe`, less its
+    resolution: only the optimiser's parts carry -came, only forward+backward -nockpt."""
+    came = "-came" * (recipe.startswith("came") and kind.startswith(("resident", "stage-opt")))
+    ckpt = "ckpt" in recipe.split("-")
+    return kind + came + "-nockpt" * (not ckpt and "fwdbwd" in kind)
+
+
 def flags(
-    folder: str, work: Path, res: int, variant: str, device: str, precision: str, vae_batch=1
+    folder: str,
+    work: Path,
+    res: int,
+    variant: str,
+    device: str,
+    precision: str,
+    vae_batch=1,
+    recipe="adamw-ckpt",
 ) -> list:
     """train.py's flags of `variant` at the paper's settings (sana preset: N 16, K 1, 1 prompt,
-    no EMA), bf16 frozen networks, checkpointing, AdamW, sCM's DC-AE `vae_batch` per call."""
+    no EMA), bf16 frozen networks, the recipe's optimiser and checkpointing, sCM's DC-AE
+    `vae_batch` per call."""
+    words = recipe.split("-")  # optimiser[-ckpt][-accum<A>]
+    ckpt, opt = "--grad-checkpointing" if "ckpt" in words else "--no-grad-checkpointing", words[0]
     f = f"--backbone sana --pretrained {folder} --prompts-file {work}/prompts.txt --resolution "
-    f += f"{res} --max-sequence-length {L} --grad-checkpointing --filter-mode off --n-eval 2 "
-    f += f"--frozen-precision bf16 --precision {precision} --device {device} --optimizer adamw"
+    f += f"{res} --max-sequence-length {L} {ckpt} --filter-mode off --n-eval 2 "
+    f += f"--frozen-precision bf16 --precision {precision} --device {device} --optimizer {opt}"
+    f += f" --accum-steps {recipe.partition('accum')[2]}" * ("accum" in recipe)
     own = dict(scm=f" --method scm --images {work}/images-{res} --vae-batch {vae_batch}", tbcm="")
     own["bank"] = f" --bank {work}/bank-{res}"
     lora = cost_report.LORA_FLAGS * variant.endswith("-lora")  # ours: LoRA on the bf16 base
@@ -145,30 +188,40 @@ def lin(stage: dict, n: float, key: str) -> float:
 
 
 def compose_one(
-    p: dict, variant: str, res: int, vae_batch: int, n: int, clock: str = "s"
+    p: dict,
+    variant: str,
+    res: int,
+    vae_batch: int,
+    n: int,
+    clock: str = "s",
+    recipe: str = "adamw-ckpt",
 ) -> dict | None:
     """One variant's composed peak (MB above the floor) and step time at resolution res with n
-    pairs (sCM: n images, vae_batch per DC-AE call); None while a part it needs is missing. A LoRA
-    variant (`<variant>-lora`) has its own resident and student stages."""
-    lora = "-lora" * variant.endswith("-lora")
+    pairs (sCM: n images, vae_batch per DC-AE call) under `recipe`; None while a part it needs is
+    missing. A LoRA variant (`<variant>-lora`) has its own resident and student stages. With
+    --accum-steps A (recipe -accum<A>) the JVP and forward+backward run on n/A pairs at a time,
+    A times, all but the first JVP beside the step's gradient."""
+    lora, A = "-lora" * variant.endswith("-lora"), int(recipe.partition("accum")[2] or 1)
     jvp_k, fb_k, opt_k = (
         f"stage-jvp{lora}-{res}",
-        f"stage-fwdbwd{lora}-{res}",
-        f"stage-optimizer{lora}",
+        recipe_part(f"stage-fwdbwd{lora}", recipe) + f"-{res}",
+        recipe_part(f"stage-optimizer{lora}", recipe),
     )
     variant = variant.removesuffix("-lora")
-    need = [f"resident-{variant}{lora}", jvp_k, fb_k, opt_k]
+    res_k = recipe_part(f"resident-{variant}{lora}", recipe)
+    need = [res_k, jvp_k, fb_k, opt_k]
     need += ["stage-text", f"stage-teacher-{res}"] * (variant != "bank")
     need += [f"stage-vae-{res}"] * (variant == "scm")
     if any(k not in p for k in need):
         return None
-    resident = p[f"resident-{variant}{lora}"]
+    resident = p[res_k]
     res_mb, grads = resident["resident_mb"], resident["grads_mb"]
     jvp, fb, opt = p[jvp_k], p[fb_k], p[opt_k]
     opt_1 = opt["by_batch"]["1"]
-    mem = dict(jvp=lin(jvp, n, "dynamic_mb"), student_fwd_bwd=lin(fb, n, "dynamic_mb"))
-    mem["optimizer"] = grads + opt_1["dynamic_mb"]
-    time = dict(jvp=lin(jvp, n, clock), student_fwd_bwd=lin(fb, n, clock), optimizer=opt_1[clock])
+    mem = dict(jvp=lin(jvp, n / A, "dynamic_mb") + grads * (A > 1))
+    mem |= dict(student_fwd_bwd=lin(fb, n / A, "dynamic_mb"), optimizer=grads + opt_1["dynamic_mb"])
+    time = dict(jvp=A * lin(jvp, n / A, clock), student_fwd_bwd=A * lin(fb, n / A, clock))
+    time["optimizer"] = opt_1[clock]
     if variant != "bank":
         text, teacher = p["stage-text"], p[f"stage-teacher-{res}"]
         prompts, evals = (n, 1) if variant == "scm" else (1, PAPER["tbcm_teacher_evals"])
@@ -184,39 +237,56 @@ def compose_one(
         time["vae_encode"] = math.ceil(n / vae_batch) * lin(vae, min(vae_batch, n), clock)
     top, step_s = max(mem, key=mem.get), sum(time.values())
     out = dict(peak_mb=res_mb + mem[top], resident_mb=res_mb, bottleneck=top, stage_mb=mem)
+    out |= {k: resident.get(k) for k in ("models_mb", "optimizer_state_mb", "tensor_mb")}
+    out |= dict(grads_mb=grads, recipe=recipe)
     return out | dict(stage_s=time, step_s=step_s, pairs=n, time_per_pair_s=step_s / n)
 
 
+def compose_recipe(p: dict, recipe: str, clock: str) -> dict:
+    """Per resolution and sCM DC-AE batch: every variant at the paper's batch under `recipe` and
+    their ratios to sCM's."""
+    out, n_scm, n_tbcm = {}, PAPER["scm_images"], PAPER["tbcm_pairs"]
+    for res in RESOLUTIONS:
+        tb, bk = (compose_one(p, v, res, 1, n_tbcm, clock, recipe) for v in ("tbcm", "bank"))
+        lora = {
+            v: compose_one(p, v, res, 1, n_tbcm, clock, recipe) for v in cost_report.LORA_VARIANTS
+        }
+        for vb in VAE_BATCHES:
+            sc = compose_one(p, "scm", res, vb, n_scm, clock, recipe)
+            row = dict(scm=sc, tbcm=tb, bank=bk) | lora
+            if sc and tb and bk:
+                row["ratios"] = cost_report.composed_ratios(sc, tb, bk, lora)
+            out[f"{res}px_vae_batch_{vb}"] = row
+    return out
+
+
 def compose(p: dict) -> dict:
-    """Per resolution and sCM DC-AE batch: the three variants at the paper's batch and their
-    ratios; the direct steps beside the composition for the same setting; the headline ratios
-    (1024 px, the whole batch in one DC-AE call, most likely the paper's sCM)."""
+    """Per resolution and sCM DC-AE batch: the variants at the paper's batch and their ratios,
+    AdamW with checkpointing (composed) and every recipe (by_recipe); the direct steps beside the
+    composition for the same setting and recipe; the headline ratios (1024 px, the whole batch in
+    one DC-AE call, most likely the paper's sCM), each recipe's named by it."""
     # CPU seconds of the process where every stage has them (steadier on a shared machine)
     stages = [x["by_batch"]["1"] for k, x in p.items() if k.startswith("stage-")]
     on_cpu = all(x.get("device", "cpu") == "cpu" for x in p.values())
     clock = "cpu_s" if stages and on_cpu and all("cpu_s" in x for x in stages) else "s"
-    out: dict = {"clock": clock, "composed": {}, "direct": {}}
-    n_scm, n_tbcm = PAPER["scm_images"], PAPER["tbcm_pairs"]
-    for res in RESOLUTIONS:
-        tb, bk = (compose_one(p, v, res, 1, n_tbcm, clock) for v in ("tbcm", "bank"))
-        lora = {v: compose_one(p, v, res, 1, n_tbcm, clock) for v in cost_report.LORA_VARIANTS}
-        for vb in VAE_BATCHES:
-            sc = compose_one(p, "scm", res, vb, n_scm, clock)
-            row = dict(scm=sc, tbcm=tb, bank=bk) | lora
-            if sc and tb and bk:
-                row["ratios"] = cost_report.composed_ratios(sc, tb, bk, lora)
-            out["composed"][f"{res}px_vae_batch_{vb}"] = row
+    by_recipe = {r: compose_recipe(p, r, clock) for r in RECIPES}
+    out: dict = {"clock": clock, "composed": by_recipe[RECIPES[0]], "by_recipe": by_recipe}
+    out["direct"] = {}
     for name in (k for k in p if k.startswith("direct-")):
-        d, v = p[name], name.split("-")[1] + "-lora" * ("-lora-" in name)
-        comp = compose_one(p, v, d["resolution"], d["vae_batch"] or 1, d["pairs"], clock)
+        d, v, recipe = p[name], name.split("-")[1] + "-lora" * ("-lora-" in name), recipe_of(name)
+        comp = compose_one(p, v, d["resolution"], d["vae_batch"] or 1, d["pairs"], clock, recipe)
         rel = None if comp is None else comp["peak_mb"] / d["peak_above_floor_mb"] - 1
-        row = d | dict(variant=v, composed_peak_mb=comp and comp["peak_mb"], rel_diff=rel)
+        row = d | dict(variant=v, recipe=recipe, composed_peak_mb=comp and comp["peak_mb"])
         out["direct"][name[7:]] = row | dict(
-            within_tolerance=rel is not None and abs(rel) <= TOLERANCE
+            rel_diff=rel, within_tolerance=rel is not None and abs(rel) <= TOLERANCE
         )
     head = out["composed"].get("1024px_vae_batch_16", {}).get("ratios")
     if head:
-        out["ratios"], out["claims"] = head, claim_lines(head)
+        out["ratios"], out["claims"] = dict(head), claim_lines(head)
+        for r in RECIPES:  # e.g. tbcm-came-ckpt_over_scm-came-ckpt_peak_memory
+            named = by_recipe[r]["1024px_vae_batch_16"].get("ratios", {})
+            out["ratios"] |= {cost_report.recipe_key(k, r): x for k, x in named.items()}
+        out["claims"] += claim_lines(out["ratios"], cost_report.RECIPE_CLAIMS)
     return out
 
 

@@ -1,11 +1,13 @@
 """A part of `bench/cost.py --config paper-sana`, in its own process: Tab. 3's memory at the paper's
 shapes (sana_tiny.SIZES["paper"], random weights), measured piece by piece. Prints one JSON line.
 
-resident-<variant>: the models each variant holds, then the student's AdamW state (one step on
-zero gradients); stage-<name>[-<px>]: one stage of the training step at two batch sizes, its
+resident-<variant>: the models each variant holds, then the student's optimiser state (one step
+on zero gradients); stage-<name>[-<px>]: one stage of the training step at two batch sizes, its
 memory rise above what was alive at entry and its time; direct-<variant>-512: a whole training
 step (cost_step.train_steps) with the peak reset after the models are built (-vae8: sCM's
-DC-AE 8 images per call, 8 pairs per step, two steps: the second meets AdamW's state).
+DC-AE 8 images per call, 8 pairs per step, two steps: the second meets the optimiser's state).
+The recipe in a name: AdamW and gradient checkpointing unless it says -came (the official
+optimiser, optimizers.Came) or -nockpt (--no-grad-checkpointing).
 Memory: the RSS on a CPU (peak: VmHWM, reset through /proc/self/clear_refs; the weights in memory
 of their own: sana.hold_in_memory), the allocator on CUDA (and its peaks over the part).
     python bench/cost_paper.py --part stage-jvp-512 --folder DIR --work DIR
@@ -19,10 +21,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-from cost_compose import PARTS, flags
+from cost_compose import PARTS, flags, recipe_of
 from cost_stages import Meter, stage
 from cost_step import Stages, build, train_steps
 
+import optimizers
 from config import Config, Parser, UsageError, parse_args, validate
 from loss import LogvarHead
 from runtime import set_threads
@@ -40,7 +43,7 @@ def config(argv: list[str]) -> Config:
 
 def resident(cfg: Config, meter: Meter) -> dict:
     """The variant's models (what cost_step.build holds), then the student's
-    gradient and AdamW state after one step on zero gradients."""
+    gradient and optimiser state (cfg.optimizer) after one step on zero gradients."""
     floor = meter.now()
     student, source = build(cfg, Stages(cfg.device), own_memory=not meter.cuda)
     teacher = getattr(source, "teacher", None)
@@ -48,11 +51,11 @@ def resident(cfg: Config, meter: Meter) -> dict:
     if teacher is not None:  # a LoRA student's teacher is the student (parts.transformer None)
         p = teacher.parts
         frozen = dict(teacher=p.transformer, text_encoder=p.text_encoder, vae=p.vae)
-        frozen = {k: m for k, m in frozen.items() if m is not None}
+        frozen = {k: m for k, m in frozen.items() if m is not None}  # TBCM: no DC-AE
     models = meter.now()
     head = LogvarHead().to(cfg.device)
     params = [q for q in student.parameters() if q.requires_grad] + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    opt = optimizers.build([{"params": params}], cfg)
     for q in params:
         q.grad = torch.zeros_like(q)
     opt.step()
@@ -60,13 +63,14 @@ def resident(cfg: Config, meter: Meter) -> dict:
     opt.zero_grad(set_to_none=True)
     tensors = {k: tensor_mb(m) for k, m in frozen.items()} | dict(student=tensor_mb(student))
     trains = [q for q in student.parameters() if q.requires_grad]  # LoRA: the adapter, not θ
+    state = sum(optimizers.state_numel(q.shape, cfg.optimizer) * 4 for q in trains) / 2**20
     trains = sum(q.numel() * q.element_size() for q in trains) / 2**20
     return dict(
         models_mb=models - floor,
         optimizer_state_mb=meter.now() - models,
         grads_mb=with_grads - meter.now(),
         resident_mb=meter.now() - floor,
-        tensor_mb=tensors | dict(trainable=trains, adamw=2 * trains, grads=trains),
+        tensor_mb=tensors | dict(trainable=trains, optimizer_state=state, grads=trains),
         floor_mb=floor,
     )
 
@@ -109,7 +113,7 @@ def run_part(part: str, folder: str, work: Path, device: str, precision: str) ->
     variant += "-lora" * ("lora" in rest.split("-"))  # ours: the LoRA student (lora.py)
     # -vae<B>: sCM's DC-AE B images per call, B pairs per step (N = B + 1), two steps
     vae_batch = int(rest.split("vae")[1].split("-")[0]) if "-vae" in rest else 1
-    argv = flags(folder, work, res, variant, device, precision, vae_batch)
+    argv = flags(folder, work, res, variant, device, precision, vae_batch, recipe_of(part))
     cfg = config(argv + ["--N", str(vae_batch + 1)] * (vae_batch > 1))
     set_threads(cfg.threads)
     meter = Meter(device)

@@ -17,6 +17,23 @@ CLAIMS = (
 )
 
 
+# the targets under the official recipe (CAME, checkpointing, both sides), and in 15 micro-batches
+TARGETS = (("tbcm", "TBCM", 0.30), ("bank", "bank", 0.15), ("bank-lora", "bank-lora", 0.05))
+CLAIMED = (("came-ckpt", "CAME + ckpt"), ("came-ckpt-accum15", "CAME + ckpt, 15 micro-batches"))
+RECIPE_CLAIMS = tuple(
+    (f"{v}-{r}_over_scm-{r}_peak_memory", x, f"{name}/sCM, {label} (target {x:.2f})")
+    for r, label in CLAIMED
+    for v, name, x in TARGETS
+)
+
+
+def recipe_key(key: str, recipe: str) -> str:
+    """tbcm_over_scm_peak_memory → tbcm-<recipe>_over_scm-<recipe>_peak_memory."""
+    a, rest = key.split("_over_")
+    b, q = rest.split("_", 1)
+    return f"{a}-{recipe}_over_{b}-{recipe}_{q}"
+
+
 TAB3_GB = dict(scm=62.9, tbcm=22.6)  # Tab. 3, one A100, batch 16
 RATIO_KEYS = ("tbcm_over_scm_peak_memory", "bank_over_scm_peak_memory")
 
@@ -55,13 +72,17 @@ def composed_ratios(s: dict, t: dict, b: dict, lora: dict | None = None) -> dict
     }
 
 
-def claim_lines(ratios: dict) -> list[str]:
+def claim_lines(ratios: dict, claims=CLAIMS) -> list[str]:
     """One line per claim: reproduced when the measured ratio is at or below the target."""
     verdict = {True: "reproduced", False: "not reproduced at this scale"}
+    # two decimals, three where two would round across the target
+    shown = {
+        k: f"{q:.2f}" if (round(q, 2) <= x) == (q <= x) else f"{q:.3f}"
+        for k, x, _ in claims
+        if (q := ratios.get(k)) is not None
+    }
     return [
-        f"{t}: measured {ratios[k]:.2f}, {verdict[ratios[k] <= x]}"
-        for k, x, t in CLAIMS
-        if k in ratios
+        f"{t}: measured {shown[k]}, {verdict[ratios[k] <= x]}" for k, x, t in claims if k in shown
     ]
 
 
@@ -147,12 +168,60 @@ def paper_table(res: dict) -> str:
     for d in res["direct"].values():
         c = "–" if d["composed_peak_mb"] is None else f"{d['composed_peak_mb'] / 1024:.2f}"
         rel = "–" if d["rel_diff"] is None else f"{d['rel_diff']:+.3f}"
-        label = f"{d['variant']} ({d['pairs']} pairs" + (
+        label = f"{d['variant']} {d.get('recipe', 'adamw-ckpt')} ({d['pairs']} pairs" + (
             f", DC-AE {d['vae_batch']}/call)" if d["vae_batch"] else ")"
         )
         peak = f"{d['peak_above_floor_mb'] / 1024:.2f}"
         rows.append(f"| {label} | {peak} | {c} | {rel} | {d['step_s']:.0f} |")
+    rows += ["", *recipe_table(res), "", *holds_table(res)] if "by_recipe" in res else []
     return "\n".join(rows + [""] + res.get("claims", []))
+
+
+def recipe_table(res: dict) -> list[str]:
+    """Per resolution and recipe (sCM's DC-AE on the whole batch) the peaks and their ratios."""
+    names = ("scm", "tbcm", "bank", *LORA_VARIANTS)
+    head = [v.replace("scm", "sCM").replace("tbcm", "TBCM") for v in names]
+    rows = ["| px, recipe (both sides) | " + " | ".join(f"{h} GB" for h in head) + " | "]
+    rows[0] += " | ".join(f"{h}/sCM" for h in head[1:]) + " |"
+    rows.append("|---" * (2 * len(names)) + "|")
+    for px in (512, 1024):
+        for recipe, by in res["by_recipe"].items():
+            r, s = by[f"{px}px_vae_batch_16"], by[f"{px}px_vae_batch_16"]["scm"]
+            gb = ["–" if r.get(v) is None else f"{r[v]['peak_mb'] / 1024:.1f}" for v in names]
+            q = [
+                "–" if not (s and r.get(v)) else f"{r[v]['peak_mb'] / s['peak_mb']:.2f}"
+                for v in names[1:]
+            ]
+            rows.append(f"| {px} px, {recipe} | " + " | ".join(gb + q) + " |")
+    return rows
+
+
+def holds_table(res: dict, recipe: str = "came-ckpt", px: int = 1024) -> list[str]:
+    """What each variant's composed peak holds under `recipe` at `px` (GB): the networks it keeps,
+    the student's optimiser state, and the largest stage, the fp32 gradient within it."""
+    row = res["by_recipe"].get(recipe, {}).get(f"{px}px_vae_batch_16", {})
+    cols = ("text_encoder", "teacher", "vae", "student")
+    out = [f"What the peaks hold, {px} px, {recipe} (GB): the networks kept, the optimiser state,"]
+    out[0] += " the largest stage (its gradient, then the rest: activations and temporaries)."
+    out += [
+        "",
+        "| variant | peak | Gemma | teacher | DC-AE | student θ | optimiser | largest stage |",
+    ]
+    out.append("|---" * 8 + "|")
+    for v in ("scm", "tbcm", "bank", *LORA_VARIANTS):
+        c = row.get(v)
+        if not c:
+            continue
+        t, top = c["tensor_mb"] or {}, c["bottleneck"]
+        gb = [f"{t[k] / 1024:.2f}" if k in t else "–" for k in cols]
+        rise = c["stage_mb"][top]
+        grads = c["grads_mb"] if top in ("student_fwd_bwd", "optimizer") else 0.0
+        stage = f"{top} {rise / 1024:.2f} ({grads / 1024:.2f} + {(rise - grads) / 1024:.2f})"
+        state = c["optimizer_state_mb"]
+        cells = [f"{c['peak_mb'] / 1024:.2f}", *gb, "–" if state is None else f"{state / 1024:.2f}"]
+        cells.append(stage)
+        out.append(f"| {v} | " + " | ".join(cells) + " |")
+    return out
 
 
 GPU_ROWS = {  # README's GPU recipe: variant → what a user runs
@@ -164,12 +233,18 @@ GPU_ROWS = {  # README's GPU recipe: variant → what a user runs
 }
 
 
-def gpu_memory(res: dict) -> str:
+def gpu_memory(res: dict, recipe: str = "came-ckpt") -> str:
     """Markdown for the README: the composed peak per GPU (GB above the libraries' floor) at 512
-    and 1024 px for 1 prompt × 15 pairs, from the paper-shape JSON (cost_paper-sana.json)."""
-    rows = ["| peak per GPU (GB), 15 pairs per step | 512 px | 1024 px |", "|---|---|---|"]
+    and 1024 px for 1 prompt × 15 pairs under the sana preset's recipe (CAME, checkpointing),
+    from the paper-shape JSON (cost_paper-sana.json)."""
+    by = res.get("by_recipe", {}).get(recipe) or res["composed"]
+    named = {"came-ckpt": "CAME, gradient checkpointing"}.get(recipe, recipe)
+    rows = [
+        f"| peak per GPU (GB), 15 pairs per step, {named} | 512 px | 1024 px |",
+        "|---|---|---|",
+    ]
     for v, label in GPU_ROWS.items():
-        gb = [res["composed"][f"{px}px_vae_batch_16"].get(v) for px in (512, 1024)]
+        gb = [by[f"{px}px_vae_batch_16"].get(v) for px in (512, 1024)]
         cells = [f"{x['peak_mb'] / 1024:.1f}" for x in gb if x]
         rows += [f"| {label} | " + " | ".join(cells) + " |"] * (len(cells) == 2)
     return "\n".join(rows)

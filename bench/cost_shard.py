@@ -100,7 +100,8 @@ def per_rank(p: dict, c: dict, c0: dict, variant: str, res: int, world: int, own
         m = {s: lin(own[f"stage-{s}-{res}"], PAPER["tbcm_pairs"], "dynamic_mb") for s in act}
         act = dict(jvp=m["jvp"], fwdbwd=m["fwdbwd"] - FP32 * c["student"] * mb)
     # resident = frozen (measured, teacher rescaled) + fp32 θ + AdamW's m, v: 12 bytes/param / W
-    frozen = base["resident_mb"] - res_part["tensor_mb"]["student"] - res_part["tensor_mb"]["adamw"]
+    tensors = res_part["tensor_mb"]
+    frozen = base["resident_mb"] - tensors["student"] - tensors["optimizer_state"]
     frozen += (c["teacher"] - c0["teacher"]) * BF16 * mb * (variant != "bank")
     state = 12 * c["student"] * mb / w
     gather = (GATHERED_BLOCKS * c["block"] + c["root"]) * BF16 * mb * (w > 1)

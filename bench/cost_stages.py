@@ -17,6 +17,7 @@ import torch
 from cost_compose import BATCHES, L
 
 import backbones
+import optimizers
 import sana
 import sana_io
 from config import Config
@@ -126,8 +127,9 @@ def stage(name: str, cfg: Config, meter: Meter) -> dict:
 
 
 def student_stage(name: str, cfg: Config, meter: Meter) -> dict:
-    """jvp (Alg. 1 lines 13–14), fwdbwd (lines 15–16 and the gradient, checkpointed) or optimizer
-    (AdamW's step once its state exists) on the fp32 student with gradient checkpointing."""
+    """jvp (Alg. 1 lines 13–14), fwdbwd (lines 15–16 and the gradient, checkpointed unless
+    --no-grad-checkpointing) or optimizer (cfg.optimizer's step once its state exists) on the fp32
+    student."""
     student, _ = backbones.build_student(cfg)
     rand, cond, latent = inputs_of(cfg, student.transformer.config)
     head = LogvarHead().to(cfg.device)
@@ -165,7 +167,7 @@ def student_stage(name: str, cfg: Config, meter: Meter) -> dict:
         return step
 
     if name == "optimizer":
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+        opt = optimizers.build([{"params": params}], cfg)
         for q in params:
             q.grad = torch.randn_like(q) * 1e-3
         opt.step()  # the state exists from here on, as after the first training step

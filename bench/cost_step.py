@@ -33,14 +33,15 @@ from pairs import (
     filter_keep,
     rollout_inputs,
     seeded,
+    split,
 )
 from runtime import autocast, ema_of, ema_update, rss_mb, synchronize
 from trajectory import forward_pairs, logit_normal_times, rollout
 from trigflow import TrigFlow
 
 # data: rollout inputs, real images read, bank shards; vae_encode: DC-AE; text_encode: every prompt
-# afresh; teacher: rollout and brightness filter, or CFG velocity; jvp: Alg. 1 lines 13–14;
-# student_fwd_bwd: lines 15–17 up to the clipped gradient; optimizer: AdamW step and EMA.
+# afresh; teacher: rollout and brightness filter, or CFG velocity; jvp: Alg. 1 lines 13–14 (per
+# micro-batch); student_fwd_bwd: lines 15–17 up to the clipped gradient; optimizer: step and EMA.
 STAGES = ("data", "vae_encode", "text_encode", "teacher", "jvp", "student_fwd_bwd", "optimizer")
 
 
@@ -70,10 +71,6 @@ class Stages:
     def sync(self) -> None:
         synchronize(self.device)
 
-    def mb(self) -> float:
-        """Memory now: CUDA's allocated MB, else the RSS."""
-        return torch.cuda.memory_allocated() / 2**20 if self.cuda else rss_mb()
-
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
         if not self.active:
@@ -84,7 +81,7 @@ class Stages:
         if self.cuda:
             self.cuda_peak = max(self.cuda_peak, torch.cuda.max_memory_allocated() / 2**20)
             torch.cuda.reset_peak_memory_stats()
-        entry = self._peak = self.mb()
+        entry = self._peak = torch.cuda.memory_allocated() / 2**20 if self.cuda else rss_mb()
         self.inside, t0 = True, time.perf_counter()
         try:
             yield
@@ -211,38 +208,40 @@ def train_steps(
     after `warmup` steps. Returns the modules and the times of each step's start and the end."""
     torch.manual_seed(cfg.seed)
     student, head = student.train(), LogvarHead().to(cfg.device)  # line 2: θ from the teacher; φ
-    ema = ema_of(student, cfg.ema_decay)
+    ema, pool = ema_of(student, cfg.ema_decay), PairPool(source, cfg, range(cfg.prompts), rank=0)
     params = [p for p in student.parameters() if p.requires_grad] + list(head.parameters())
     opt = optimizers.build([{"params": params}], cfg)  # train.train's --optimizer
     F_theta = TrigFlow(student, guidance_scale=cfg.guidance_scale)
-    pool = PairPool(source, cfg, range(cfg.prompts), rank=0)  # the same shuffle as training
     per_step, fd_eps = cfg.prompts * cfg.K * (cfg.N - 1), cfg.fd_eps if cfg.jvp == "fd" else None
-    marks = []
+    r_of = dict(H=cfg.H, S_r=cfg.S_r, T_r=cfg.T_r, r_final=cfg.r_final, direct=cfg.r_direct)
+    marks: list[float] = []
     for step in range(warmup + steps):
         stage.active = step >= warmup
         stage.sync()
         marks.append(time.perf_counter())
         opt.zero_grad(set_to_none=True)  # as train.train: no gradient kept through the pairs
         b = pool.next(per_step)  # lines 3–11, in the source's stages
-        x_t, t, dxdt = b["x_t"], b["t"], b["dxdt"]
-        r = r_schedule(
-            step, H=cfg.H, S_r=cfg.S_r, T_r=cfg.T_r, r_final=cfg.r_final, direct=cfg.r_direct
-        )
-        F = bound(F_theta, source.cond(b["prompt"]), b["w"])
-        with autocast(cfg.device, cfg.precision):
-            with stage("jvp"):  # lines 13–14: F⁻ and the normalised tangent g
-                F_minus, g, g_norm = scm_target(
-                    F, x_t, t, dxdt, r=r, sigma_d=cfg.sigma_d, c=cfg.c, fd_eps=fd_eps
-                )
-                extra = {"g_norm": g_norm.mean(), "r": r}
-            with stage("student_fwd_bwd"):  # lines 15–16
-                kw = dict(sigma_d=cfg.sigma_d, t_min=cfg.t_min, mask=b["keep"], extra=extra)
-                loss, _ = loss_from_target(F, x_t, t, F_minus, g, head(t), **kw)
-        with stage("student_fwd_bwd"):  # line 17's gradient, clipped (one process: no all-reduce)
-            loss.backward()
+        r = r_schedule(step, **r_of)
+        finite, A = torch.ones((), dtype=torch.bool, device=cfg.device), cfg.accum_steps
+        denom = b["keep"].sum().clamp(min=1) if A > 1 else None  # train.train's micro-batches
+        for mb in split(b, A):
+            F, x_t, t = bound(F_theta, source.cond(mb["prompt"]), mb["w"]), mb["x_t"], mb["t"]
+            with autocast(cfg.device, cfg.precision):
+                with stage("jvp"):  # lines 13–14: F⁻ and the normalised tangent g
+                    F_minus, g, g_norm = scm_target(
+                        F, x_t, t, mb["dxdt"], r=r, sigma_d=cfg.sigma_d, c=cfg.c, fd_eps=fd_eps
+                    )
+                    extra = {"g_norm": g_norm.mean(), "r": r}
+                with stage("student_fwd_bwd"):  # lines 15–16
+                    kw = dict(sigma_d=cfg.sigma_d, t_min=cfg.t_min, mask=mb["keep"], extra=extra)
+                    loss, _ = loss_from_target(F, x_t, t, F_minus, g, head(t), denom=denom, **kw)
+            with stage("student_fwd_bwd"):  # line 17's gradient (one process: no all-reduce)
+                loss.backward()
+            finite &= torch.isfinite(loss)
+        with stage("student_fwd_bwd"):  # clipped
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         with stage("optimizer"):  # line 17's step, skipped on NaN/Inf as train.train does: one read
-            if bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
+            if bool(finite & torch.isfinite(grad_norm)):
                 opt.step()
                 ema_update(ema, student, cfg.ema_decay, step)
     stage.sync()

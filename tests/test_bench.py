@@ -90,6 +90,15 @@ def test_cost_step_is_train_step_bit_for_bit(variant, cache, bank_dir, tmp_path)
     assert assert_train_step_bit_for_bit(cfg, tmp_path / "run") == RUNS[variant]
 
 
+@pytest.mark.parametrize("variant", ["tbcm", "bank"])
+def test_cost_step_accumulates_as_train_step_bit_for_bit(variant, cache, bank_dir, tmp_path):
+    """--accum-steps 3: the composed step runs its JVP and forward+backward per micro-batch as
+    train.train does (each kept pair over the whole step's count), the same students exactly."""
+    argv = [*FAST, "--cache-dir", cache, "--steps", "3", "--out", str(tmp_path / "run")]
+    cfg = parse_args([*argv, "--accum-steps", "3", *variant_flags(variant, bank_dir)])
+    assert assert_train_step_bit_for_bit(cfg, tmp_path / "run") == RUNS[variant]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["tbcm", "scm"])
 def test_cost_step_is_train_step_bit_for_bit_on_sana(method, tmp_path_factory, tmp_path):

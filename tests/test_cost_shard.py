@@ -29,7 +29,7 @@ def parts(P: int, act: float, jvp: float) -> dict:
     gradient plus `act` MB at any batch, the JVP's `jvp` MB, AdamW's step 1 MB."""
     g = 4 * P / MB
     resident = dict(resident_mb=10 + 12 * P / MB, grads_mb=g)  # 10 MB of frozen parts
-    resident["tensor_mb"] = dict(student=g, adamw=2 * g, grads=g)
+    resident["tensor_mb"] = dict(student=g, optimizer_state=2 * g, grads=g)
     p = {"resident-bank": resident, "resident-tbcm": resident}
     p |= {"stage-fwdbwd-512": stage(g + act, g + act), "stage-jvp-512": stage(jvp, jvp)}
     return p | {"stage-optimizer": {"by_batch": {"1": dict(dynamic_mb=1.0, cpu_s=1.0)}}}
